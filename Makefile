@@ -1,0 +1,40 @@
+# Two commands for a fresh machine:  `make demo` (the main job) and `make test`.
+# Both create the virtualenv and install everything they need first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
+DEMO ?= demo
+JOBS ?= 2
+
+.PHONY: setup demo test lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: setup
+	$(PY) data/synthetic.py --out $(DEMO)/synthetic --identities 4 --clips 2 --seconds 4 --seed 0 --workers $(JOBS)
+	$(PY) -m dithead_jax.data.preview --dataset $(DEMO)/synthetic --out $(DEMO)
+
+test: setup
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+bench: setup
+	$(PY) bench/synthetic.py
+
+clean:
+	rm -rf $(DEMO) .pytest_cache .ruff_cache

@@ -1,0 +1,210 @@
+"""Typed, frozen configuration that reaches the library code.
+
+`ml_collections` configs stay at the command line (see `configs/`); entry points turn them
+into these dataclasses with `from_dict`, so modules never see a mutable, stringly-typed dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
+
+# iBUG-68 landmark indices (0-based) used throughout the project.
+JAW = tuple(range(0, 17))
+RIGHT_BROW = tuple(range(17, 22))
+LEFT_BROW = tuple(range(22, 27))
+NOSE_BRIDGE = tuple(range(27, 31))
+NOSE_BOTTOM = tuple(range(31, 36))
+RIGHT_EYE = tuple(range(36, 42))
+LEFT_EYE = tuple(range(42, 48))
+OUTER_LIPS = tuple(range(48, 60))
+INNER_LIPS = tuple(range(60, 68))
+# DESIGN.md decision: hull of jaw points 1-15 and the nose-bottom point 33, so that the
+# mask outline follows the jaw and never the lips (a lip-shaped outline leaks the answer).
+LOWER_FACE_HULL = tuple(range(1, 16)) + (33,)
+
+
+def from_dict(cls: type[T], values: dict[str, Any] | Any) -> T:
+    """Builds a (possibly nested) config dataclass from a dict or `ConfigDict`.
+
+    Unknown keys are an error so that a typo on the command line cannot pass silently.
+    """
+    if hasattr(values, "to_dict"):
+        values = values.to_dict()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
+    kwargs = {}
+    for name, value in values.items():
+        field_type = fields[name].type
+        nested = _DATACLASSES.get(field_type) if isinstance(field_type, str) else None
+        if nested is not None and isinstance(value, dict):
+            value = from_dict(nested, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What a frame, its mask and its audio window look like, and where the records are."""
+
+    dir: str = ""
+    image_size: int = 256
+    fps: int = 25
+    sample_rate: int = 16_000
+    # Audio window of DiT-Head: 11 frames (i-5 .. i+5) of a 33-dim feature = 363 dims.
+    audio_window: int = 11
+    audio_dim: int = 33
+    # Gaussian alpha-blend of the mask edge; the paper's 27x27, sigma 5 at 256 px.
+    mask_blur_kernel: int = 27
+    mask_blur_sigma: float = 5.0
+    mask_hull: tuple[int, ...] = LOWER_FACE_HULL
+    mask_fill: float = 0.0
+    # Reference frame at least this many frames from the target (paper: 60).
+    min_reference_distance: int = 60
+
+    @property
+    def audio_features(self) -> int:
+        return self.audio_window * self.audio_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    """Synthetic talking faces (data/synthetic.py)."""
+
+    identities: int = 4
+    clips: int = 2
+    seconds: float = 4.0
+    size: int = 256
+    seed: int = 0
+    fps: int = 25
+    sample_rate: int = 16_000
+    test_fraction: float = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    """DiT-Head denoiser. Named sizes follow facebookresearch/DiT (S/B/L/XL x patch 2/4/8)."""
+
+    input_size: int = 64  # latent height = width
+    patch_size: int = 2
+    latent_channels: int = 3  # z_t; the input is [z_t, z_masked, z_reference] = 3x this
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    audio_window: int = 11
+    audio_dim: int = 33
+    # "audio_tokens": 11 audio tokens + 1 timestep token as cross-attention keys (our
+    # decision); "single_token": the paper's literal channel concat -> one key (ablation).
+    context_layout: Literal["audio_tokens", "single_token"] = "audio_tokens"
+    # False: no cross-attention and no audio embedder, i.e. a plain DiT that ignores audio
+    # (the "before cross-attention" model whose size DESIGN.md quotes; an ablation).
+    cross_attention: bool = True
+    learn_sigma: bool = False
+    attention_impl: str | None = None  # None | "xla" | "cudnn" for jax.nn.dot_product_attention
+    remat_policy: str = "none"  # "none" | "full" | "dots_saveable" | ...
+    scan_layers: bool = False
+    dtype: str = "float32"  # compute dtype; params stay float32
+    param_dtype: str = "float32"
+
+    @classmethod
+    def named(cls, name: str, **overrides: Any) -> DiTConfig:
+        """`DiTConfig.named("L_2")` etc.; sizes as in the DiT paper."""
+        size, patch = name.split("_")
+        depth, hidden, heads = _DIT_SIZES[size]
+        return cls(
+            depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch), **overrides
+        )
+
+    @classmethod
+    def S_2(cls, **kw: Any) -> DiTConfig:
+        return cls.named("S_2", **kw)
+
+    @classmethod
+    def B_2(cls, **kw: Any) -> DiTConfig:
+        return cls.named("B_2", **kw)
+
+    @classmethod
+    def L_2(cls, **kw: Any) -> DiTConfig:
+        return cls.named("L_2", **kw)
+
+    @classmethod
+    def XL_2(cls, **kw: Any) -> DiTConfig:
+        return cls.named("XL_2", **kw)
+
+    @classmethod
+    def testing(cls, **kw: Any) -> DiTConfig:
+        """A tiny DiT for tests and the CPU demo."""
+        base = dict(input_size=16, patch_size=2, hidden_size=64, depth=2, num_heads=4)
+        return cls(**(base | kw))
+
+
+# depth, hidden size, heads
+_DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """Noise schedule and objective. Defaults are ADM's (the paper: "ADM hyperparameters")."""
+
+    num_timesteps: int = 1000
+    schedule: Literal["linear", "scaled_linear", "cosine"] = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction: Literal["epsilon", "v"] = "epsilon"
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh ('data', 'fsdp', 'tensor'); one axis may be -1 = all remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    @classmethod
+    def preset(cls, name: str) -> MeshConfig:
+        """`dp`: pure data parallel; `fsdp`: parameters sharded over all devices;
+        `fsdp_tp`: FSDP with 2-way tensor parallelism inside each group."""
+        presets = {
+            "dp": cls(data=-1, fsdp=1, tensor=1),
+            "fsdp": cls(data=1, fsdp=-1, tensor=1),
+            "fsdp_tp": cls(data=1, fsdp=-1, tensor=2),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown mesh preset {name!r}; choose from {sorted(presets)}")
+        return presets[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping shared by both training stages."""
+
+    seed: int = 0
+    global_batch_size: int = 256
+    num_steps: int = 400_000
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip_norm: float | None = None
+    ema_decay: float = 0.9999
+    log_every: int = 100
+    image_every: int = 5_000
+    checkpoint_every: int = 5_000
+    keep_checkpoints: int = 3
+
+
+_DATACLASSES: dict[str, type] = {
+    "MeshConfig": MeshConfig,
+    "TrainConfig": TrainConfig,
+    "DiTConfig": DiTConfig,
+    "DiffusionConfig": DiffusionConfig,
+    "DataConfig": DataConfig,
+    "SyntheticConfig": SyntheticConfig,
+}

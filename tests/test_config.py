@@ -1,0 +1,55 @@
+"""Run configs (ml_collections, CLI side) convert to the typed, frozen dataclasses."""
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from dithead_jax import config as cfg
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("variant", ["testing", "S_2", "B_2", "L_2", "XL_2", "B_4", "S_8"])
+def test_dit_run_configs_become_typed_configs(variant):
+    run = load("dit").get_config(variant)
+    model = cfg.from_dict(cfg.DiTConfig, run.model)
+    cfg.from_dict(cfg.DiffusionConfig, run.diffusion)
+    cfg.from_dict(cfg.TrainConfig, run.train)
+    cfg.from_dict(cfg.MeshConfig, run.mesh)
+    data = cfg.from_dict(cfg.DataConfig, run.data)
+    assert data.audio_features == 363
+    assert model.audio_window * model.audio_dim == 363
+    if variant == "L_2":
+        assert (model.depth, model.hidden_size, model.num_heads, model.patch_size) == (
+            24,
+            1024,
+            16,
+            2,
+        )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        model.depth = 3
+
+
+@pytest.mark.parametrize("variant", ["default", "demo", "testing"])
+def test_synthetic_configs_become_typed_configs(variant):
+    synthetic = cfg.from_dict(cfg.SyntheticConfig, load("synthetic").get_config(variant))
+    assert synthetic.size % 2 == 0 and synthetic.identities >= 2
+
+
+def test_unknown_fields_and_presets_are_errors():
+    with pytest.raises(ValueError, match="unknown field"):
+        cfg.from_dict(cfg.DiTConfig, {"hiden_size": 3})
+    with pytest.raises(ValueError, match="unknown mesh preset"):
+        cfg.MeshConfig.preset("zero3")
+    with pytest.raises(ValueError, match="unknown synthetic variant"):
+        load("synthetic").get_config("huge")
+    assert cfg.from_dict(cfg.DataConfig, {"mask_hull": [1, 2, 33]}).mask_hull == (1, 2, 33)
