@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import json
 
+import jax
 import numpy as np
 import pytest
+import torch
+import transformers
+from flax import nnx
+from safetensors.numpy import load_file, save_file
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-import jax  # noqa: E402
-from flax import nnx  # noqa: E402
-from safetensors.numpy import load_file, save_file  # noqa: E402
-
-from dithead_jax.convert.hf_wav2vec2 import (  # noqa: E402
+from dithead_jax.convert.hf_wav2vec2 import (
     Wav2Vec2CheckpointError,
     load_wav2vec2,
     wav2vec2_from_state_dict,
 )
-from dithead_jax.models.wav2vec2 import (  # noqa: E402
+from dithead_jax.models.wav2vec2 import (
     Wav2Vec2Config,
     frame_geometry,
     output_frames,
@@ -211,3 +209,29 @@ def test_unknown_hub_id_offline_fails_clearly(monkeypatch, tmp_path):
     assert "\n" not in str(info.value)
     with pytest.raises(FileNotFoundError, match="directory not found"):
         load_wav2vec2(tmp_path / "does" / "not" / "exist")
+
+
+def test_wav2vec2_audio_features_pair_logits_per_video_frame(tmp_path):
+    """The preprocessing path: 50 Hz logits -> one 33-vector per 25 fps frame -> 11x33 windows."""
+    from dithead_jax.config import DataConfig
+    from dithead_jax.data.audio_features import audio_windows
+    from dithead_jax.data.preprocess import AudioFeaturizer
+
+    torch_model, hf_config = _tiny_torch_model("xlsr")
+    _save(torch_model, hf_config, tmp_path / "ckpt", "safetensors")
+    frames = 25  # one second of video
+    audio = 0.3 * np.random.default_rng(1).standard_normal(SR).astype(np.float32)
+    featurizer = AudioFeaturizer(f"wav2vec2:{tmp_path / 'ckpt'}", DataConfig())
+    per_frame = featurizer(audio, frames)
+    assert per_frame.shape == (frames, 33)
+
+    _, _, feature_extractor = load_wav2vec2(tmp_path / "ckpt")
+    x = feature_extractor(audio, sampling_rate=SR, return_tensors="np").input_values
+    with torch.no_grad():
+        logits = torch_model(torch.from_numpy(x.astype(np.float32))).logits.numpy()[0]
+    assert len(logits) == 49  # floor((16000 - 400) / 320) + 1
+    # Logit j is centred at 20 j + 12.5 ms: the pair (2i, 2i+1) lies in video frame i, and
+    # the last frame holds only logit 48.
+    expected = np.concatenate([logits[:48].reshape(24, 2, 33).mean(1), logits[48:49]])
+    np.testing.assert_allclose(per_frame, expected, atol=2e-5)
+    assert audio_windows(per_frame).shape == (frames, 11, 33)
