@@ -148,3 +148,61 @@ def read_audio(
     if declared is not None:
         audio = audio[: round(float(declared) * rate)]
     return audio, rate
+
+
+def probe_video(path: str | os.PathLike) -> tuple[int, int, float, float, bool]:
+    """(height, width, fps, duration_seconds, has_audio) without decoding frames."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MediaError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            if stream.duration is not None:
+                duration = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                duration = container.duration / av.time_base
+            else:
+                duration = (stream.frames or 0) / fps if fps else 0.0
+            return stream.height, stream.width, fps, duration, bool(container.streams.audio)
+    except av.error.FFmpegError as e:
+        raise MediaError(f"{path}: cannot open ({e})") from e
+
+
+def iter_frames_at_fps(path: str | os.PathLike, fps: float) -> Iterator[np.ndarray]:
+    """Decodes frames resampled to a constant `fps` (RGB uint8), streaming.
+
+    Output frame k shows what the source showed at time k / fps: the latest source frame
+    whose presentation time is <= that time. This is exact for variable-frame-rate input
+    (phone videos) and duplicates or drops frames for constant-rate input at another rate.
+    Only one decoded frame is held at a time, so long videos do not fill memory.
+    """
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MediaError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            start = None
+            k = 0
+            previous = None
+            for frame in container.decode(stream):
+                if frame.time is None:
+                    continue
+                if start is None:
+                    start = frame.time
+                t = frame.time - start
+                # Emit outputs whose time falls before this frame: they show `previous`.
+                while previous is not None and k / fps < t - 1e-6:
+                    yield previous
+                    k += 1
+                previous = frame.to_ndarray(format="rgb24")
+            if previous is not None:
+                # The last source frame lasts one source interval.
+                rate = float(stream.average_rate or fps)
+                end = (t if start is not None else 0.0) + 1.0 / rate
+                while k / fps < end - 1e-6:
+                    yield previous
+                    k += 1
+    except av.error.FFmpegError as e:
+        raise MediaError(f"{path}: cannot decode ({e})") from e

@@ -1,0 +1,123 @@
+"""Preprocessing pieces: the lower-face mask, crops and landmark mapping, audio features."""
+
+import numpy as np
+import pytest
+from skimage import data as skdata
+
+from dithead_jax.config import DataConfig, SyntheticConfig
+from dithead_jax.data import audio_features as af
+from dithead_jax.data.faces import (
+    crop_face,
+    crop_to_source,
+    dlib_landmarker,
+    face_boxes,
+    landmarks_to_crop,
+)
+from dithead_jax.data.masks import apply_mask, blur_params, lower_face_mask
+from dithead_jax.data.synthetic_dataset import render_synthetic_clip
+
+CFG = DataConfig()
+
+
+@pytest.fixture(scope="module")
+def clip():
+    rendered, audio, _ = render_synthetic_clip(
+        SyntheticConfig(identities=1, clips=1, seconds=1.2, size=256, seed=3), 0, 0
+    )
+    return rendered, audio
+
+
+def test_mask_hides_the_whole_mouth_and_spares_the_eyes(clip):
+    rendered, _ = clip
+    for t in range(0, len(rendered.frames), 5):
+        lm = rendered.landmarks[t]
+        alpha = lower_face_mask(lm, 256, CFG)
+        rows, cols = np.round(lm[:, 1]).astype(int), np.round(lm[:, 0]).astype(int)
+        assert np.all(alpha[rows[48:68], cols[48:68]] == 1.0), "lips must be fully hidden"
+        assert np.all(alpha[rows[36:48], cols[36:48]] == 0.0), "eyes must stay visible"
+        soft = (alpha > 0.02) & (alpha < 0.98)
+        assert soft.sum() > 200, "the edge must be a Gaussian blend, not a hard cut"
+        masked = apply_mask(rendered.frames[t], alpha)
+        assert np.all(masked[rows[60:68], cols[60:68]] == 0)
+        np.testing.assert_array_equal(masked[alpha == 0], rendered.frames[t][alpha == 0])
+
+
+def test_mask_blur_scales_with_size_and_shift_moves_it(clip):
+    assert blur_params(256, CFG) == (27, 5.0)
+    assert blur_params(128, CFG) == (15, 2.5)  # 13.5 -> 14 -> odd
+    assert blur_params(512, CFG) == (55, 10.0)
+    lm = clip[0].landmarks[0]
+    base = lower_face_mask(lm, 256, CFG)
+    moved = lower_face_mask(lm, 256, CFG, shift=(4, -3))
+    centroid = lambda a: (
+        np.array([(a * np.arange(256)[None]).sum(), (a * np.arange(256)[:, None]).sum()]) / a.sum()
+    )  # noqa: E731,E501
+    np.testing.assert_allclose(centroid(moved) - centroid(base), [4, -3], atol=0.3)
+
+
+def test_crop_maps_landmarks_onto_the_same_pixels(clip):
+    rendered, _ = clip
+    frame, lm = rendered.frames[0], rendered.landmarks[0]
+    box = np.array([60.3, 40.7, 200.1, 180.5], np.float32)
+    crop = crop_face(frame, box, 128)
+    mapped = landmarks_to_crop(lm, box, 128)
+    np.testing.assert_allclose(crop_to_source(mapped, box, 128), lm, atol=1e-3)
+    # Colours at the pupils agree between the frame and the crop.
+    for eye in (slice(36, 42), slice(42, 48)):
+        src = np.round(lm[eye].mean(0)).astype(int)
+        dst = np.round(mapped[eye].mean(0)).astype(int)
+        np.testing.assert_allclose(
+            crop[dst[1], dst[0]].astype(int), frame[src[1], src[0]].astype(int), atol=40
+        )
+
+
+def test_face_boxes_are_square_smooth_and_fill_missing_frames():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(80, 160, (68, 2))
+    landmarks = base[None] + rng.normal(0, 1.5, (30, 68, 2))  # detector jitter
+    landmarks[10:13] = np.nan
+    boxes = face_boxes(landmarks)
+    side = boxes[:, 2:] - boxes[:, :2]
+    np.testing.assert_allclose(side[:, 0], side[:, 1], rtol=1e-5)
+    assert np.all(np.isfinite(boxes))
+    raw = face_boxes(landmarks, smooth_frames=0)
+    centre_jitter = lambda b: np.std(np.diff((b[:, 0] + b[:, 2]) / 2))  # noqa: E731
+    assert centre_jitter(boxes) < 0.5 * centre_jitter(raw)
+
+
+def test_dlib_finds_68_points_on_a_real_face():
+    image = skdata.astronaut()
+    points = dlib_landmarker()(image)
+    assert points.shape == (68, 2)
+    # The astronaut's face lies around x 150-230, y 60-160 in this 512x512 image.
+    assert 130 < points[:, 0].mean() < 250 and 60 < points[:, 1].mean() < 180
+    assert points[36:42, 0].mean() < points[42:48, 0].mean()  # iBUG order: image-left eye first
+    assert points[8, 1] > points[33, 1] > points[27, 1]  # chin below nose below bridge
+
+
+def test_logmel_frames_line_up_with_video_frames():
+    sr, fps, frames = 16_000, 25, 50
+    audio = np.zeros(frames * sr // fps, np.float32)
+    audio += 1e-4 * np.random.default_rng(0).standard_normal(len(audio)).astype(np.float32)
+    start = 17 * sr // fps  # a 1 kHz burst filling video frames 17..19
+    audio[start : start + 3 * sr // fps] += np.sin(2 * np.pi * 1000 * np.arange(3 * sr // fps) / sr)
+    feats = af.logmel_features(audio, sr, frames, fps)
+    assert feats.shape == (frames, 33)
+    energy = feats.max(1)
+    loud = np.flatnonzero(energy > energy.min() + 0.5 * np.ptp(energy))
+    assert loud.min() >= 16 and loud.max() <= 20 and {17, 18, 19} <= set(loud)
+
+
+def test_align_and_windows():
+    # 50 Hz features (centres at 20 ms steps + 12.5 ms) -> 25 fps: the mean of each pair.
+    feats = np.arange(20, dtype=np.float32)[:, None]
+    times = np.arange(20) * 0.02 + 0.0125
+    aligned = af.align_to_frames(feats, times, 11, 25)
+    np.testing.assert_allclose(aligned[:10, 0], np.arange(10) * 2 + 0.5)
+    assert aligned[10, 0] == 19  # no feature inside the last frame: nearest one
+    win = af.audio_windows(np.arange(6, dtype=np.float32)[:, None], 5)
+    assert win.shape == (6, 5, 1)
+    np.testing.assert_array_equal(win[0, :, 0], [0, 0, 0, 1, 2])
+    np.testing.assert_array_equal(win[5, :, 0], [3, 4, 5, 5, 5])
+    with pytest.raises(ValueError):
+        af.audio_windows(np.zeros((3, 1)), 4)
