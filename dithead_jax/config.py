@@ -198,6 +198,14 @@ class TrainConfig:
     image_every: int = 5_000
     checkpoint_every: int = 5_000
     keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+    # Examples shown in the periodic image grid (denoised previews of one fixed batch).
+    preview_count: int = 8
+    # Peak dense TFLOP/s of one device for the MFU estimate; 0 = look the device kind up
+    # (TPU/GPU table in training/metrics.py) or, on CPU, time a GEMM at start-up.
+    peak_tflops: float = 0.0
+    # "auto": a tqdm bar when stderr is a terminal; "bar"; "none".
+    progress: str = "auto"
 
 
 _DATACLASSES: dict[str, type] = {

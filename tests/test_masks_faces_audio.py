@@ -121,3 +121,16 @@ def test_align_and_windows():
     np.testing.assert_array_equal(win[5, :, 0], [3, 4, 5, 5, 5])
     with pytest.raises(ValueError):
         af.audio_windows(np.zeros((3, 1)), 4)
+
+
+def test_shifted_mask_variants_for_the_stage2_records(clip):
+    from dithead_jax.data.masks import mask_shifts, shifted_masked_frames
+
+    shifts = mask_shifts(4, max_shift=4.0, seed=1)
+    assert shifts.shape == (4, 2) and np.all(shifts[0] == 0) and np.abs(shifts).max() <= 4
+    rendered, _ = clip
+    frame, lm = rendered.frames[3], rendered.landmarks[3]
+    variants = shifted_masked_frames(frame, lm, shifts, CFG)
+    assert variants.shape == (4, 256, 256, 3) and variants.dtype == np.uint8
+    np.testing.assert_array_equal(variants[0], apply_mask(frame, lower_face_mask(lm, 256, CFG)))
+    assert all(np.any(variants[k] != variants[0]) for k in range(1, 4))

@@ -58,3 +58,32 @@ def apply_mask(frame: np.ndarray, alpha: np.ndarray, fill: float = 0.0) -> np.nd
     """Masked frame: frame * (1 - alpha) + fill * alpha. frame (H, W, 3) uint8, fill in [0, 1]."""
     out = frame.astype(np.float32) * (1 - alpha[..., None]) + 255.0 * fill * alpha[..., None]
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def mask_shifts(num_variants: int, max_shift: float, seed: int = 0) -> np.ndarray:
+    """(K, 2) pixel shifts for the masked-latent variants; variant 0 is always unshifted.
+
+    DiT-Head shifts mask and landmarks by a few pixels at random in training. We realise it
+    as K precomputed variants per frame (the stage-2 pipeline picks one per sample) rather
+    than encoding masked frames on the fly: that keeps the VQGAN encoder (~1/10 of a DiT-L/2
+    train step per sample) out of the training step and the stage-2 records free of pixels,
+    for ~16 KiB per extra variant and frame. The shifts are fixed per dataset (seeded), so
+    every frame sees the same K offsets.
+    """
+    rng = np.random.default_rng(seed)
+    shifts = rng.uniform(-max_shift, max_shift, (num_variants, 2))
+    shifts[0] = 0.0
+    return shifts.astype(np.float32)
+
+
+def shifted_masked_frames(
+    frame: np.ndarray, landmarks: np.ndarray, shifts: np.ndarray, cfg: DataConfig
+) -> np.ndarray:
+    """(K, S, S, 3) uint8: the frame masked with the lower-face mask moved by each shift."""
+    size = frame.shape[0]
+    return np.stack(
+        [
+            apply_mask(frame, lower_face_mask(landmarks, size, cfg, tuple(s)), cfg.mask_fill)
+            for s in shifts
+        ]
+    )

@@ -1,0 +1,321 @@
+"""DiT-Head's denoiser: a DiT (Peebles & Xie, 2022) with audio cross-attention.
+
+    eps = DiT(x, t, audio)
+    x:     (B, H, W, 3*C)  channels-last concat [z_t, z_masked, z_reference] (C = 3 latents)
+    t:     (B,)            diffusion timestep, int or float, in [0, T)
+    audio: (B, 11, 33)     audio window x feature dim (Wav2Vec2 CTC logits per video frame)
+    out:   (B, H, W, C)    epsilon (or v) prediction; (B, H, W, 2C) with learn_sigma
+
+Pipeline: patchify conv -> + fixed 2-D sin-cos positions -> N x DiTBlock -> FinalLayer ->
+unpatchify. Each block: adaLN-Zero self-attention, cross-attention to the audio context
+(own LayerNorm, ungated, zero-initialised output projection), adaLN-Zero MLP. Because every
+residual branch output starts at zero, a fresh model is exactly a fresh plain DiT, and its
+output does not depend on the audio until training moves the cross-attention projection.
+
+Context layouts (`DiTConfig.context_layout`), see DESIGN.md:
+  "audio_tokens" (ours): 11 tokens, one per audio frame (Linear 33 -> D + learned position),
+      then the timestep embedding as a 12th token: keys/values have width D.
+  "single_token" (the paper read literally): Linear(363 -> D) of the flattened window,
+      concatenated channel-wise with the timestep embedding: ONE token of width 2D. Softmax
+      over a single key is 1, so cross-attention degenerates to a linear map of the context.
+
+Logical axis vocabulary (names only; `dithead_jax/sharding.py` maps them to mesh axes):
+  "batch"    examples                          (activations only)
+  "length"   token / sequence positions        (activations only)
+  "embed"    the model width D (residual stream, modulation inputs, k/v context width)
+  "mlp"      widths produced from D: MLP hidden, adaLN outputs (6D / 2D), timestep-MLP hidden
+  "heads"    attention heads
+  "kv"       per-head feature dimension (D / heads)
+  "conv_in"  input channels of the patchify conv (the 9 latent channels)
+  "conv_out" output channels of convs (unused by the DiT: its conv outputs "embed")
+  "patch"    p*p*C_out outputs of the final projection (pixels of one output patch)
+  "audio"    audio feature inputs (33 per frame, or 363 for the single-token layout)
+  "norm"     LayerNorm scale and bias
+  "layers"   the stacked-block axis, only with scan_layers=True
+  None       never sharded: conv kernel taps, the q/k/v selector axis, the 256 sinusoid
+             features of the timestep MLP, the 11 rows of the audio position table.
+Biases take the name of their output axis.
+
+Parameter layouts differ from facebookresearch/DiT (a converter must reshape):
+  attention projections keep heads apart, qkv kernel (D, 3, heads, kv), out (heads, kv, D);
+  the patchify kernel is HWIO; with scan_layers=True all block parameters gain a leading
+  (depth,) axis under `blocks` instead of `blocks/0 .. blocks/N-1` (`stack_blocks` and
+  `unstack_blocks` convert pure-dict parameter trees between the two).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dithead_jax.config import DiTConfig
+from dithead_jax.models.layers import (
+    Attention,
+    Mlp,
+    TimestepEmbedder,
+    linear,
+    modulate,
+    normal_002,
+    ones,
+    partitioned,
+    remat_policy,
+    sincos_2d,
+    zeros,
+)
+
+Array = jax.Array
+
+_NORM_EPS = 1e-6  # DiT's LayerNorm epsilon
+
+
+def _plain_norm(hidden_size: int, dtype: Any, param_dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """LayerNorm without scale or bias: adaLN supplies both."""
+    return nnx.LayerNorm(
+        hidden_size,
+        epsilon=_NORM_EPS,
+        use_scale=False,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+    )
+
+
+class PatchEmbed(nnx.Module):
+    """(B, H, W, C_in) -> (B, H/p * W/p, D) tokens in row-major order, by a p x p stride-p conv."""
+
+    def __init__(self, cfg: DiTConfig, in_channels: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        p = cfg.patch_size
+        # DiT initialises this conv like a Linear on the flattened patch: fan_in = p*p*C_in,
+        # fan_out = D (a conv-style init would count the taps in fan_out too).
+        init = nnx.initializers.variance_scaling(
+            1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=3
+        )
+        self.proj = nnx.Conv(
+            in_channels,
+            cfg.hidden_size,
+            kernel_size=(p, p),
+            strides=(p, p),
+            padding="VALID",
+            kernel_init=partitioned(init, (None, None, "conv_in", "embed")),
+            bias_init=partitioned(zeros, ("embed",)),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+
+    def __call__(self, x: Array) -> Array:
+        x = self.proj(x)
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+class AudioContextEmbedder(nnx.Module):
+    """Audio window (B, 11, 33) + timestep embedding (B, D) -> cross-attention context."""
+
+    def __init__(self, cfg: DiTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.layout = cfg.context_layout
+        self.dtype = dtype
+        d = cfg.hidden_size
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if self.layout == "audio_tokens":
+            self.frame_proj = linear(cfg.audio_dim, d, ("audio", "embed"), **kw)
+            pos_init = partitioned(normal_002, (None, "embed"))
+            self.frame_pos = nnx.Param(pos_init(rngs.params(), (cfg.audio_window, d), param_dtype))
+            self.context_size = d
+        elif self.layout == "single_token":
+            window_features = cfg.audio_window * cfg.audio_dim
+            self.window_proj = linear(window_features, d, ("audio", "embed"), **kw)
+            self.context_size = 2 * d
+        else:
+            raise ValueError(f"unknown context_layout {self.layout!r}")
+
+    def __call__(self, audio: Array, c: Array) -> Array:
+        """audio: (B, window, dim), c: (B, D) -> (B, window + 1, D) or (B, 1, 2D)."""
+        if self.layout == "audio_tokens":
+            frames = self.frame_proj(audio) + self.frame_pos.value.astype(self.dtype or jnp.float32)
+            return jnp.concatenate([frames, c[:, None, :].astype(frames.dtype)], axis=1)
+        a_h = self.window_proj(audio.reshape(audio.shape[0], -1))
+        return jnp.concatenate([a_h, c.astype(a_h.dtype)], axis=-1)[:, None, :]
+
+
+class DiTBlock(nnx.Module):
+    """adaLN-Zero self-attention, cross-attention to the context, adaLN-Zero MLP."""
+
+    def __init__(
+        self, cfg: DiTConfig, context_size: int | None, *, dtype, param_dtype, rngs: nnx.Rngs
+    ):
+        d = cfg.hidden_size
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        attn_kw = dict(implementation=cfg.attention_impl, **kw)
+        self.norm1 = _plain_norm(d, dtype, param_dtype, rngs)
+        self.attn = Attention(d, cfg.num_heads, **attn_kw)
+        if context_size is not None:
+            # Not modulated by adaLN, so it keeps its own learned scale and bias.
+            self.cross_norm = nnx.LayerNorm(
+                d,
+                epsilon=_NORM_EPS,
+                scale_init=partitioned(ones, ("norm",)),
+                bias_init=partitioned(zeros, ("norm",)),
+                **kw,
+            )
+            self.cross_attn = Attention(
+                d, cfg.num_heads, context_size, zero_init_output=True, **attn_kw
+            )
+        else:
+            self.cross_norm = None
+            self.cross_attn = None
+        self.norm2 = _plain_norm(d, dtype, param_dtype, rngs)
+        self.mlp = Mlp(d, int(d * cfg.mlp_ratio), **kw)
+        # adaLN-Zero: every gate starts at 0, so each block starts as the identity.
+        self.modulation = linear(d, 6 * d, ("embed", "mlp"), kernel_init=zeros, **kw)
+
+    def __call__(self, x: Array, c: Array, context: Array | None) -> Array:
+        """x: (B, L, D) tokens, c: (B, D) timestep embedding, context: (B, S, C) or None."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
+            self.modulation(nnx.silu(c)), 6, axis=-1
+        )
+        x = x + gate_msa[:, None, :] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.cross_norm(x), context)
+        x = x + gate_mlp[:, None, :] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nnx.Module):
+    """adaLN-modulated LayerNorm + Linear to p*p*C_out per token; both zero-initialised."""
+
+    def __init__(self, cfg: DiTConfig, out_channels: int, *, dtype, param_dtype, rngs):
+        d, p = cfg.hidden_size, cfg.patch_size
+        kw = dict(kernel_init=zeros, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm = _plain_norm(d, dtype, param_dtype, rngs)
+        self.modulation = linear(d, 2 * d, ("embed", "mlp"), **kw)
+        self.proj = linear(d, p * p * out_channels, ("embed", "patch"), **kw)
+
+    def __call__(self, x: Array, c: Array) -> Array:
+        shift, scale = jnp.split(self.modulation(nnx.silu(c)), 2, axis=-1)
+        return self.proj(modulate(self.norm(x), shift, scale))
+
+
+class DiT(nnx.Module):
+    """The DiT-Head denoiser; see the module docstring for shapes and options."""
+
+    def __init__(self, config: DiTConfig, *, rngs: nnx.Rngs):
+        cfg = config
+        self.config = cfg
+        if cfg.input_size % cfg.patch_size:
+            raise ValueError(f"input_size {cfg.input_size} not divisible by {cfg.patch_size}")
+        self.in_channels = 3 * cfg.latent_channels
+        self.out_channels = cfg.latent_channels * (2 if cfg.learn_sigma else 1)
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        self.patch_embed = PatchEmbed(cfg, self.in_channels, **kw)
+        self.t_embedder = TimestepEmbedder(cfg.hidden_size, **kw)
+        if cfg.cross_attention:
+            self.context_embedder = AudioContextEmbedder(cfg, **kw)
+            context_size = self.context_embedder.context_size
+        else:
+            self.context_embedder = None
+            context_size = None
+
+        if cfg.scan_layers:
+            # One DiTBlock with a leading (depth,) axis on every parameter, built by vmap so
+            # each layer still gets its own random init; the forward pass scans over it.
+            @nnx.split_rngs(splits=cfg.depth)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make_blocks(rngs: nnx.Rngs) -> DiTBlock:
+                return DiTBlock(cfg, context_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+            self.blocks = make_blocks(rngs)
+        else:
+            self.blocks = nnx.List([DiTBlock(cfg, context_size, **kw) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(cfg, self.out_channels, **kw)
+
+    def __call__(self, x: Array, t: Array, audio: Array | None = None) -> Array:
+        """x: (B, H, W, 3C), t: (B,), audio: (B, window, dim) -> (B, H, W, C_out) float32."""
+        cfg = self.config
+        _, h, w, channels = x.shape
+        if (h, w) != (cfg.input_size, cfg.input_size) or channels != self.in_channels:
+            raise ValueError(
+                f"expected (B, {cfg.input_size}, {cfg.input_size}, {self.in_channels}), "
+                f"got {x.shape}"
+            )
+        compute_dtype = jnp.dtype(cfg.dtype)
+        grid = cfg.input_size // cfg.patch_size
+
+        tokens = self.patch_embed(x.astype(compute_dtype))
+        tokens = tokens + jnp.asarray(sincos_2d(cfg.hidden_size, grid), compute_dtype)
+        c = self.t_embedder(t)
+        context = None
+        if self.context_embedder is not None:
+            if audio is None:
+                raise ValueError("this DiT has cross-attention and needs `audio`")
+            context = self.context_embedder(audio.astype(compute_dtype), c)
+        tokens = self._run_blocks(tokens, c, context)
+        patches = self.final_layer(tokens, c)  # (B, L, p*p*C_out)
+        return unpatchify(patches, cfg.patch_size, grid, self.out_channels).astype(jnp.float32)
+
+    def _run_blocks(self, x: Array, c: Array, context: Array | None) -> Array:
+        cfg = self.config
+
+        def apply_block(block: DiTBlock, x: Array, c: Array, context: Array | None) -> Array:
+            return block(x, c, context)
+
+        if cfg.remat_policy != "none":
+            # Inside scan, CSE across iterations cannot happen, so the barrier is not needed.
+            apply_block = nnx.remat(
+                apply_block,
+                policy=remat_policy(cfg.remat_policy),
+                prevent_cse=not cfg.scan_layers,
+            )
+        if cfg.scan_layers:
+
+            @nnx.scan(
+                in_axes=(0, nnx.Carry, None, None),
+                out_axes=nnx.Carry,
+                transform_metadata={nnx.PARTITION_NAME: "layers"},
+            )
+            def scan_blocks(block, x, c, context):
+                return apply_block(block, x, c, context)
+
+            return scan_blocks(self.blocks, x, c, context)
+        for block in self.blocks:
+            x = apply_block(block, x, c, context)
+        return x
+
+
+def unpatchify(patches: Array, patch_size: int, grid: int, channels: int) -> Array:
+    """(B, grid*grid, p*p*C) with per-patch order (row, col, channel) -> (B, H, W, C)."""
+    p = patch_size
+    b = patches.shape[0]
+    x = patches.reshape(b, grid, grid, p, p, channels)
+    x = x.transpose(0, 1, 3, 2, 4, 5)  # (B, grid_h, p_row, grid_w, p_col, C)
+    return x.reshape(b, grid * p, grid * p, channels)
+
+
+def count_params(module: nnx.Module) -> int:
+    """Number of trainable parameters (`nnx.Param`); works on `nnx.eval_shape` models too."""
+    leaves = jax.tree.leaves(nnx.state(module, nnx.Param))
+    return sum(math.prod(leaf.shape) for leaf in leaves)
+
+
+def stack_blocks(params: dict) -> dict:
+    """Pure-dict params (`nnx.to_pure_dict`) of a loop model -> the scan_layers layout."""
+    blocks = params["blocks"]
+    per_layer = [blocks[i] for i in sorted(blocks)]
+    stacked = jax.tree.map(lambda *layers: jnp.stack(layers), *per_layer)
+    return {**params, "blocks": stacked}
+
+
+def unstack_blocks(params: dict) -> dict:
+    """Inverse of `stack_blocks`: scan_layers params -> `blocks/0 .. blocks/N-1`."""
+    blocks = params["blocks"]
+    depth = jax.tree.leaves(blocks)[0].shape[0]
+    return {
+        **params,
+        "blocks": {i: jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(depth)},
+    }

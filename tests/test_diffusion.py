@@ -1,0 +1,156 @@
+"""Noise schedules and forward-process math (dithead_jax/diffusion/schedule.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dithead_jax.config import DiffusionConfig
+from dithead_jax.diffusion import schedule as sch
+
+
+@pytest.fixture(scope="module")
+def adm():
+    return sch.make_schedule(DiffusionConfig())
+
+
+def test_adm_linear_betas_endpoints():
+    betas = sch.make_betas("linear", 1000, 1e-4, 0.02)
+    assert betas.shape == (1000,) and betas.dtype == np.float64
+    assert betas[0] == pytest.approx(1e-4, rel=1e-12)
+    assert betas[-1] == pytest.approx(0.02, rel=1e-12)
+    assert np.all(np.diff(betas) > 0)
+    # ADM rescales the endpoints by 1000/T so a shorter chain covers the same process.
+    short = sch.make_betas("linear", 250, 1e-4, 0.02)
+    assert short[0] == pytest.approx(4e-4) and short[-1] == pytest.approx(0.08)
+
+
+def test_alphas_cumprod_known_values_and_monotonic():
+    linear = sch.make_schedule(DiffusionConfig())
+    # Published figures: ADM linear ends at abar_T ~ 4.04e-5; Stable Diffusion's
+    # scaled_linear (0.00085 .. 0.012) at sqrt(abar_T) ~ 0.0683 (Lin et al., 2023).
+    assert float(linear.alphas_cumprod[-1]) == pytest.approx(4.04e-5, rel=1e-2)
+    ldm = sch.make_schedule(
+        DiffusionConfig(schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    )
+    assert float(ldm.sqrt_alphas_cumprod[-1]) == pytest.approx(0.0683, rel=1e-2)
+    cosine = sch.make_schedule(DiffusionConfig(schedule="cosine"))
+    assert float(cosine.betas.max()) <= 0.999 + 1e-6
+    for s in (linear, ldm, cosine):
+        abar = np.asarray(s.alphas_cumprod, np.float64)
+        assert s.num_timesteps == 1000
+        assert np.all(np.diff(abar) < 0) and 0 < abar[-1] < abar[0] < 1
+        np.testing.assert_allclose(s.alphas_cumprod_prev[1:], s.alphas_cumprod[:-1])
+        np.testing.assert_allclose(
+            s.sqrt_alphas_cumprod**2 + s.sqrt_one_minus_alphas_cumprod**2, 1.0, atol=1e-6
+        )
+        assert np.all(np.isfinite(np.asarray(s.posterior_log_variance_clipped)))
+    with pytest.raises(ValueError):
+        sch.make_betas("quadratic", 10)
+
+
+def test_q_sample_statistics(adm):
+    n, steps = 20_000, (0, 100, 500, 999)
+    x0 = jnp.full((len(steps), n, 4), 0.7)
+    noise = jax.random.normal(jax.random.key(0), x0.shape)
+    t = jnp.asarray(steps)
+    z = np.asarray(jax.jit(sch.q_sample)(adm, x0, t, noise))
+    for i, step in enumerate(steps):
+        abar = float(adm.alphas_cumprod[step])
+        assert z[i].mean() == pytest.approx(np.sqrt(abar) * 0.7, abs=0.01)
+        assert z[i].std() == pytest.approx(np.sqrt(1 - abar), rel=0.02, abs=1e-3)
+
+
+def _batch(shape=(8, 6, 6, 3), seed=0):
+    k0, k1, k2 = jax.random.split(jax.random.key(seed), 3)
+    x0 = jax.random.normal(k0, shape)
+    noise = jax.random.normal(k1, shape)
+    t = jax.random.randint(k2, (shape[0],), 0, 1000).at[:2].set(jnp.array([0, 999]))
+    return x0, noise, t
+
+
+def test_eps_x0_round_trip(adm):
+    x0, noise, t = _batch()
+
+    @jax.jit
+    def run(adm, x0, noise, t):
+        x_t = sch.q_sample(adm, x0, t, noise)
+        return (
+            sch.predict_x0_from_eps(adm, x_t, t, noise),
+            sch.predict_eps_from_x0(adm, x_t, t, x0),
+            *sch.to_x0_and_eps("epsilon", adm, x_t, t, noise),
+        )
+
+    x0_hat, eps_hat, x0_hat2, eps_same = run(adm, x0, noise, t)
+    np.testing.assert_allclose(x0_hat, x0, atol=2e-4)
+    np.testing.assert_allclose(eps_hat, noise, atol=2e-4)
+    np.testing.assert_allclose(x0_hat2, x0, atol=2e-4)
+    np.testing.assert_array_equal(eps_same, noise)
+
+
+def test_v_prediction_round_trip(adm):
+    x0, noise, t = _batch(seed=1)
+
+    @jax.jit
+    def run(adm, x0, noise, t):
+        x_t = sch.q_sample(adm, x0, t, noise)
+        v = sch.target_for("v", adm, x0, noise, t)
+        return (
+            v,
+            sch.v_from_eps(adm, x0, t, noise),
+            sch.predict_x0_from_v(adm, x_t, t, v),
+            sch.predict_eps_from_v(adm, x_t, t, v),
+            *sch.to_x0_and_eps("v", adm, x_t, t, v),
+            sch.target_for("epsilon", adm, x0, noise, t),
+        )
+
+    v, v2, x0_hat, eps_hat, x0_hat2, eps_hat2, eps_target = run(adm, x0, noise, t)
+    np.testing.assert_allclose(v, v2)
+    for got, want in ((x0_hat, x0), (eps_hat, noise), (x0_hat2, x0), (eps_hat2, noise)):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    # At t = 0 v is almost exactly the noise, at t = T-1 almost exactly -x0.
+    np.testing.assert_allclose(v[0], noise[0], atol=0.05)
+    np.testing.assert_allclose(v[1], -x0[1], atol=0.05)
+    np.testing.assert_array_equal(eps_target, noise)
+
+
+def test_training_loss_oracle_and_zero_model(adm):
+    x0 = jax.random.normal(jax.random.key(2), (16, 4, 4, 3))
+
+    def oracle(prediction):
+        def model_fn(x_t, t):
+            # Knows x0, hence the exact noise: recovers the target up to float error.
+            eps = sch.predict_eps_from_x0(adm, x_t, t, x0)
+            return eps if prediction == "epsilon" else sch.v_from_eps(adm, x0, t, eps)
+
+        return model_fn
+
+    def zeros(x_t, t):
+        # A learned-sigma output (2C channels): only the first C enter the loss.
+        return jnp.zeros(x_t.shape[:-1] + (6,))
+
+    @jax.jit
+    def run(rng):
+        return (
+            sch.training_loss(oracle("epsilon"), adm, x0, rng, "epsilon"),
+            sch.training_loss(oracle("v"), adm, x0, rng, "v"),
+            sch.training_loss(zeros, adm, x0, rng, "epsilon")[0],
+        )
+
+    (eps_loss, aux), (v_loss, _), zero_loss = run(jax.random.key(3))
+    assert float(eps_loss) < 1e-5 and float(v_loss) < 1e-5
+    assert aux["t"].shape == (16,) and aux["loss_per_example"].shape == (16,)
+    assert int(aux["t"].min()) >= 0 and int(aux["t"].max()) < 1000
+    # A zero eps-model costs E[eps^2] = 1.
+    assert float(zero_loss) == pytest.approx(1.0, abs=0.15)
+
+
+def test_diffusion_loss_and_gradient():
+    pred = jnp.ones((2, 3, 3, 3))
+    target = jnp.zeros((2, 3, 3, 3))
+    loss, grad = jax.jit(jax.value_and_grad(sch.diffusion_loss))(pred, target)
+    assert float(loss) == pytest.approx(1.0)
+    np.testing.assert_allclose(grad, 2.0 / pred.size)
+    assert jax.eval_shape(sch.diffusion_loss, pred.astype(jnp.bfloat16), target).dtype == (
+        jnp.float32
+    )
