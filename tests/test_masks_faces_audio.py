@@ -134,3 +134,34 @@ def test_shifted_mask_variants_for_the_stage2_records(clip):
     assert variants.shape == (4, 256, 256, 3) and variants.dtype == np.uint8
     np.testing.assert_array_equal(variants[0], apply_mask(frame, lower_face_mask(lm, 256, CFG)))
     assert all(np.any(variants[k] != variants[0]) for k in range(1, 4))
+
+
+def test_face_alignment_runs_offline_from_weights_in_the_torch_hub_cache(tmp_path, monkeypatch):
+    """The paper's S3FD + FAN path through the face-alignment package. Its weights download on
+    first use; here random-weight checkpoints of the real networks sit in torch hub's cache
+    under the names the package looks for, so the wiring runs without internet."""
+    import torch
+    from face_alignment.api import models_urls
+    from face_alignment.detection.sfd.net_s3fd import s3fd
+    from face_alignment.detection.sfd.sfd_detector import models_urls as detector_urls
+    from face_alignment.models import FAN
+
+    from dithead_jax.data.faces import face_alignment_landmarker
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(RuntimeError, match="could not load its S3FD/FAN weights"):
+        monkeypatch.setattr("urllib.request.urlopen", _no_network)
+        face_alignment_landmarker("cpu")
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save(FAN(4).state_dict(), cache / models_urls["2DFAN-4"].rsplit("/", 1)[1])
+    torch.save(s3fd().state_dict(), cache / detector_urls["s3fd"].rsplit("/", 1)[1])
+    # Both real networks load through our wrapper. A FAN forward takes ~1 min on this CPU,
+    # so the call runs S3FD with a threshold no score reaches: the no-face path, end to end.
+    landmarker = face_alignment_landmarker("cpu", filter_threshold=1.01)
+    assert landmarker(np.full((32, 32, 3), 128, np.uint8)) is None
+
+
+def _no_network(*args, **kwargs):
+    raise OSError("network disabled in tests")
