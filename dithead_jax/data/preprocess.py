@@ -139,8 +139,8 @@ def process_video(
     (n, W, D) f32, frame_index (n,) i32 (frame of the source video at 25 fps). Raises SkipVideo.
     """
     try:
-        height, width, _, _, has_audio = probe_video(path)
-        if not has_audio:
+        info = probe_video(path)
+        if not info.has_audio:
             raise SkipVideo("no audio stream")
         audio, _ = read_audio(path, cfg.data.sample_rate)
         landmarks = _landmarks_pass(path, cfg, landmarker)
@@ -174,7 +174,7 @@ def process_video(
     windows = af.audio_windows(featurizer(audio, num_frames), window)
     boxes = face_boxes(landmarks, cfg.margin)
     yield from _crop_segments(
-        path, cfg, segments, landmarks, boxes, windows, (height, width), chunk_frames
+        path, cfg, segments, landmarks, boxes, windows, (info.height, info.width), chunk_frames
     )
 
 

@@ -109,10 +109,7 @@ def read_video(path: str | os.PathLike, sample_rate: int | None = None) -> Media
     """Decodes every frame (RGB) and the first audio track (mono float32, optionally resampled)."""
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise MediaError(f"{path}: no video stream")
-            vstream = container.streams.video[0]
-            fps = float(vstream.average_rate or vstream.guessed_rate or 0)
+            vstream, fps = _video_stream(container, path)
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(vstream)]
         audio, rate = read_audio(path, sample_rate, required=False)
     except av.error.FFmpegError as e:
@@ -150,21 +147,38 @@ def read_audio(
     return audio, rate
 
 
-def probe_video(path: str | os.PathLike) -> tuple[int, int, float, float, bool]:
-    """(height, width, fps, duration_seconds, has_audio) without decoding frames."""
+@dataclasses.dataclass(frozen=True)
+class VideoInfo:
+    height: int
+    width: int
+    fps: float
+    duration: float  # seconds; 0.0 when the container does not say
+    frames: int  # as declared by the container; 0 when unknown
+    has_audio: bool
+
+
+def _video_stream(container: av.container.InputContainer, path: str | os.PathLike):
+    if not container.streams.video:
+        raise MediaError(f"{path}: no video stream")
+    stream = container.streams.video[0]
+    return stream, float(stream.average_rate or stream.guessed_rate or 0)
+
+
+def probe_video(path: str | os.PathLike) -> VideoInfo:
+    """Stream parameters without decoding frames."""
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise MediaError(f"{path}: no video stream")
-            stream = container.streams.video[0]
-            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            stream, fps = _video_stream(container, path)
             if stream.duration is not None:
                 duration = float(stream.duration * stream.time_base)
             elif container.duration is not None:
                 duration = container.duration / av.time_base
             else:
                 duration = (stream.frames or 0) / fps if fps else 0.0
-            return stream.height, stream.width, fps, duration, bool(container.streams.audio)
+            return VideoInfo(
+                stream.height, stream.width, fps, duration, stream.frames or 0,
+                bool(container.streams.audio),
+            )  # fmt: skip
     except av.error.FFmpegError as e:
         raise MediaError(f"{path}: cannot open ({e})") from e
 
@@ -179,9 +193,7 @@ def iter_frames_at_fps(path: str | os.PathLike, fps: float) -> Iterator[np.ndarr
     """
     try:
         with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise MediaError(f"{path}: no video stream")
-            stream = container.streams.video[0]
+            stream, _ = _video_stream(container, path)
             stream.thread_type = "AUTO"
             start = None
             k = 0
