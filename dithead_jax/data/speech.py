@@ -270,5 +270,8 @@ def synthesize(
     vowel_rms = np.sqrt(np.mean(voiced_out[voicing > 0.9] ** 2)) if (voicing > 0.9).any() else 1.0
     audio = voiced_out + 0.5 * vowel_rms * fric_out
     audio = signal.sosfilt(signal.butter(2, 60 / nyquist, "high", output="sos"), audio)
-    audio += 1e-3 * np.abs(audio).max() * rng.standard_normal(n)  # room noise floor
+    peak = np.abs(audio).max()
+    if peak == 0:  # a clip too short to hold a phoneme: silence with a noise floor
+        return (1e-4 * rng.standard_normal(n)).astype(np.float32)
+    audio += 1e-3 * peak * rng.standard_normal(n)  # room noise floor
     return (0.9 * audio / np.abs(audio).max()).astype(np.float32)
