@@ -69,9 +69,15 @@ def _init_worker(args: argparse.Namespace, held_out: set) -> None:
             image_size=args.size,
             audio_window=data.audio_window,
             audio_dim=args.audio_dim,
+            provenance=provenance(args),
         ),  # fmt: skip
         split_of=lambda identity: "test" if identity in held_out else "train",
     )
+
+
+def provenance(args: argparse.Namespace) -> dict:
+    """Recorded with the dataset: sample.py must compute the same audio features."""
+    return {"audio_features": args.audio_features, "landmarks": args.landmarks}
 
 
 def _process(path: Path):
@@ -147,8 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     from dithead_jax.data.records import DatasetWriter
 
     writer = DatasetWriter(
-        args.out, "stage1", image_size=args.size, audio_dim=args.audio_dim
-    )  # re-open: validates that this run's parameters match the dataset's
+        args.out,
+        "stage1",
+        image_size=args.size,
+        audio_dim=args.audio_dim,
+        provenance=provenance(args),
+    )  # fmt: skip  (re-open: validates that this run's parameters match the dataset's)
     written = [r for r in results if r.status == "written"]
     skipped = [r for r in results if r.status == "skipped"]
     existing = [r for r in results if r.status == "exists"]

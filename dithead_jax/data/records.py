@@ -281,6 +281,7 @@ class DatasetWriter:
         jpeg_quality: int = 95,
         latent_shape: Sequence[int] | None = None,
         num_masked: int = 1,
+        provenance: Mapping[str, Any] | None = None,
     ):
         self.out_dir = Path(out_dir)
         self.kind = kind
@@ -291,8 +292,12 @@ class DatasetWriter:
             params["jpeg_quality"] = jpeg_quality
         else:
             params |= dict(latent_shape=list(latent_shape or ()), num_masked=num_masked)
-        self.params = params
         self.features = make_features(**{k: v for k, v in params.items() if k != "jpeg_quality"})
+        if provenance:
+            # What made these records (e.g. the VQGAN runs and latent statistics of a stage-2
+            # set); stored with the dataset, and like the shapes it must match on re-open.
+            params["provenance"] = json.loads(json.dumps(dict(provenance)))
+        self.params = params
         self._serializer = example_serializer.ExampleSerializer(self.features.get_serialized_info())
         self.videos_dir.mkdir(parents=True, exist_ok=True)
         config = self.out_dir / "writer.json"
@@ -524,7 +529,7 @@ def open_dataset(
 
 
 def dataset_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The writer parameters (kind, shapes, encoding) stored with the dataset."""
+    """The writer parameters (kind, shapes, encoding, provenance) stored with the dataset."""
     return json.loads((_dataset_path(path) / "metadata.json").read_text())
 
 

@@ -1,0 +1,134 @@
+"""The evaluation report: report.json and report.md with the paper's Table 1 alongside.
+
+Every metric is either a number or "unavailable" with the reason (usually the weight file it
+looked for); a missing network never turns into a made-up number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from dithead_jax.data.video_io import atomic_path
+
+# DiT-Head, Table 1 (held-out HDTF identities): PSNR / SSIM / LPIPS / FID / LSE-C / LSE-D.
+PAPER_TABLE = {
+    "Wav2Lip": {
+        "psnr": 27.09,
+        "ssim": 0.847,
+        "lpips": 0.104,
+        "fid": 15.37,
+        "lse_c": 10.78,
+        "lse_d": 5.32,
+    },  # noqa: E501
+    "DiT-Head": {
+        "psnr": 28.37,
+        "ssim": 0.872,
+        "lpips": 0.0856,
+        "fid": 10.31,
+        "lse_c": 3.60,
+        "lse_d": 10.49,
+    },  # noqa: E501
+}
+METRICS = ("psnr", "ssim", "lpips", "fid", "lse_c", "lse_d")
+HIGHER_IS_BETTER = {
+    "psnr": True,
+    "ssim": True,
+    "lpips": False,
+    "fid": False,
+    "lse_c": True,
+    "lse_d": False,
+}  # noqa: E501
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(out_dir: str | Path, report: Mapping[str, Any]) -> tuple[Path, Path]:
+    """Writes report.json and report.md. `report` keys:
+
+    metrics: {name: value or None}; unavailable: {name: reason}; clips: [per-clip dicts];
+    sync (optional): {"correlation", "control_correlation", "expert_calibration"};
+    modes (optional): per reference-mode summaries; settings: how it was generated.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out_dir / "report.json", out_dir / "report.md"
+    with atomic_path(json_path) as tmp:
+        tmp.write_text(json.dumps(report, indent=1, default=float))
+
+    metrics, unavailable = report.get("metrics", {}), report.get("unavailable", {})
+    lines = ["# Evaluation report", ""]
+    settings = report.get("settings", {})
+    if settings:
+        lines += ["Settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items()), ""]
+    arrows = [
+        f"{m.upper().replace('_', '-')} {'↑' if HIGHER_IS_BETTER[m] else '↓'}" for m in METRICS
+    ]
+    rows = [["this run", *(metrics.get(m) for m in METRICS)]]
+    rows += [[f"{name} (paper, HDTF)", *(v[m] for m in METRICS)] for name, v in PAPER_TABLE.items()]
+    lines += ["## Metrics", "", markdown_table(["", *arrows], rows), ""]
+    lines += [
+        "The paper's rows are DiT-Head's Table 1 on held-out HDTF identities, for reference "
+        "only: a synthetic set or another split is not comparable number for number.",
+        "",
+    ]
+    if unavailable:
+        lines += ["Unavailable metrics:", ""]
+        lines += [f"- {name.upper()}: {reason}" for name, reason in unavailable.items()]
+        lines.append("")
+    sync = report.get("sync")
+    if sync:
+        lines += [
+            "## Mouth sync (synthetic ground truth)",
+            "",
+            markdown_table(
+                ["measure", "value"],
+                [
+                    ["correlation: measured vs true opening", sync.get("correlation")],
+                    [
+                        "control: same frames vs shuffled-audio truth",
+                        sync.get("control_correlation"),
+                    ],  # noqa: E501
+                    ["expert calibration on real held-out frames", sync.get("expert_calibration")],  # noqa: E501
+                ],
+            ),
+            "",
+        ]
+    modes = report.get("modes")
+    if modes:
+        header = ["reference mode", *next(iter(modes.values())).keys()]
+        lines += [
+            "## Reference modes",
+            "",
+            markdown_table(header, [[k, *v.values()] for k, v in modes.items()]),
+            "",
+        ]  # noqa: E501
+    clips = report.get("clips", [])
+    if clips:
+        keys = [k for k in clips[0] if k != "video"]
+        lines += [
+            "## Clips",
+            "",
+            markdown_table(["video", *keys], [[c["video"], *(c[k] for k in keys)] for c in clips]),
+            "",
+        ]  # noqa: E501
+    with atomic_path(md_path) as tmp:
+        tmp.write_text("\n".join(lines))
+    return json_path, md_path
