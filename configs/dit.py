@@ -2,7 +2,15 @@
 
 Sections map one-to-one onto the typed dataclasses in `dithead_jax.config` (`model` ->
 DiTConfig, `diffusion` -> DiffusionConfig, `train` -> TrainConfig, `mesh` -> MeshConfig,
-`data` -> DataConfig); override any field on the command line with `--config.<field>=...`.
+`data` -> DataConfig) except `mesh`, a string: a preset (`dp`, `fsdp`, `fsdp_tp`) or axis
+sizes (`data=2,fsdp=-1,tensor=2`), read by `dithead_jax.sharding.mesh_config`. Override any
+field on the command line with `--config.<field>=...`, e.g.
+
+    python train.py --config configs/dit.py:L_2 --workdir W --config.data.dir=LATENTS \
+        --config.mesh=fsdp --config.model.dtype=bfloat16
+
+`model.dtype=bfloat16` is the mixed-precision switch: bf16 compute, float32 master weights,
+optimizer state and EMA (`model.param_dtype` stays float32).
 """
 
 import dataclasses
@@ -25,7 +33,12 @@ def get_config(arg: str = "L_2") -> ml_collections.ConfigDict:
     if arg == "testing":
         model = cfg.DiTConfig.testing()
         train = cfg.TrainConfig(
-            global_batch_size=8, num_steps=20, log_every=5, image_every=10, checkpoint_every=10
+            global_batch_size=8,
+            num_steps=20,
+            log_every=5,
+            image_every=10,
+            checkpoint_every=10,
+            preview_count=4,
         )
         data = cfg.DataConfig(image_size=64, min_reference_distance=8)
     else:
@@ -35,7 +48,7 @@ def get_config(arg: str = "L_2") -> ml_collections.ConfigDict:
     config.model = _section(model)
     config.diffusion = _section(cfg.DiffusionConfig())
     config.train = _section(train)
-    config.mesh = _section(cfg.MeshConfig.preset("dp"))
+    config.mesh = "dp"
     config.data = _section(data)
     config.data.dir = ""  # stage-2 latent records (written by data/encode_latents.py)
     return config

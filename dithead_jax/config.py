@@ -208,7 +208,90 @@ class TrainConfig:
     progress: str = "auto"
 
 
+@dataclasses.dataclass(frozen=True)
+class VQGANConfig:
+    """Stage-1 VQGAN (models/vqgan.py), CompVis LDM layout; names follow its `ddconfig`.
+
+    Downsampling factor f = 2 ** (len(ch_mult) - 1): f4 maps 256^2 frames to 64x64x3
+    latents, f8 maps 512^2 frames to the same 64x64x3 (so one DiT serves both).
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4)
+    num_res_blocks: int = 2
+    # Attention after the res blocks of every level whose feature-map size (for inputs of
+    # `resolution` pixels) is listed, as CompVis's `attn_resolutions`; () = none (vq-f4).
+    resolution: int = 256
+    attn_resolutions: tuple[int, ...] = ()
+    mid_attention: bool = True  # the middle block's self-attention (always on in CompVis)
+    norm_groups: int = 32
+    dropout: float = 0.0  # kept for config parity with CompVis; only 0 is implemented
+    z_channels: int = 3
+    embed_dim: int = 3
+    codebook_size: int = 16_384
+    # Weight of the commitment term ||z - sg(e)||^2 (the codebook term has weight 1).
+    commitment_beta: float = 0.25
+    dtype: str = "float32"  # compute dtype; params stay float32
+    param_dtype: str = "float32"
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @classmethod
+    def f4_16384(cls, **kw: Any) -> VQGANConfig:
+        """The paper's VQGAN: f=4, 16384 codes of dim 3 (CompVis vq-f4 layout, 256^2)."""
+        return cls(**kw)
+
+    @classmethod
+    def f8_16384(cls, **kw: Any) -> VQGANConfig:
+        """512^2 frames -> the same 64x64x3 latents: one more level (f=8)."""
+        return cls(**(dict(ch_mult=(1, 2, 4, 4), resolution=512) | kw))
+
+    @classmethod
+    def testing(cls, **kw: Any) -> VQGANConfig:
+        """A tiny f=4 VQGAN for tests and the CPU demo (32^2 frames -> 8x8x3 latents)."""
+        base = dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8, resolution=32)
+        base["codebook_size"] = 128
+        return cls(**(base | kw))
+
+
+@dataclasses.dataclass(frozen=True)
+class VQGANLossConfig:
+    """Stage-1 losses and optimiser (training/vqgan_losses.py); defaults are taming's
+    `VQLPIPSWithDiscriminator` as configured by CompVis vq-f4 and DESIGN.md."""
+
+    pixel_weight: float = 1.0  # L1
+    perceptual_weight: float = 1.0  # LPIPS (VGG16, v0.1)
+    codebook_weight: float = 1.0  # the whole quantiser loss (its beta lives in VQGANConfig)
+    disc_start: int = 0  # generator step at which the adversarial terms switch on
+    disc_weight: float = 0.75  # x the adaptive weight
+    disc_factor: float = 1.0
+    adaptive_weight_max: float = 1e4
+    # PatchGAN (NLayerDiscriminator): 3 strided layers, 64 base channels.
+    disc_layers: int = 3
+    disc_channels: int = 64
+    # "batch": batch statistics on every call (taming's BatchNorm2d in training mode, no
+    # running averages); "group" / "none" for runs that want per-example independence.
+    disc_norm: Literal["batch", "group", "none"] = "batch"
+    # Adam for both networks; LDM scales its base lr by the global batch size.
+    base_learning_rate: float = 4.5e-6
+    scale_lr_by_batch: bool = True
+    adam_b1: float = 0.5
+    adam_b2: float = 0.9
+    # Dead codes: a code unused for this many steps is re-initialised from a random
+    # pre-quantisation latent of the current batch (0 = never).
+    dead_code_steps: int = 1_000
+
+    def learning_rate(self, global_batch_size: int) -> float:
+        return self.base_learning_rate * (global_batch_size if self.scale_lr_by_batch else 1)
+
+
 _DATACLASSES: dict[str, type] = {
+    "VQGANConfig": VQGANConfig,
+    "VQGANLossConfig": VQGANLossConfig,
     "MeshConfig": MeshConfig,
     "TrainConfig": TrainConfig,
     "DiTConfig": DiTConfig,

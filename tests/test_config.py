@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from dithead_jax import config as cfg
+from dithead_jax import sharding
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -24,7 +25,7 @@ def test_dit_run_configs_become_typed_configs(variant):
     model = cfg.from_dict(cfg.DiTConfig, run.model)
     cfg.from_dict(cfg.DiffusionConfig, run.diffusion)
     cfg.from_dict(cfg.TrainConfig, run.train)
-    cfg.from_dict(cfg.MeshConfig, run.mesh)
+    assert sharding.mesh_config(run.mesh) == cfg.MeshConfig.preset("dp")
     data = cfg.from_dict(cfg.DataConfig, run.data)
     assert data.audio_features == 363
     assert model.audio_window * model.audio_dim == 363

@@ -1,0 +1,244 @@
+"""Benchmark the stage-2 DiT; prints one JSON line per measurement.
+
+    python bench/dit.py [--sizes S_2,B_2] [--batch 2] [--repeats 3] [--skip-compile]
+        [--compile-sizes L_2,XL_2] [--compile-batch 256] [--layouts loop,scan+remat]
+
+1. `gemm`: this machine's f32 GEMM peak (2048^3 jit matmul, best of 5): the yardstick.
+2. `speed`: forward and full train-step seconds (loss, gradient, AdamW, EMA; compile
+   excluded, best of --repeats) for each of --sizes at 64x64 latents (1024 tokens), with
+   achieved GFLOP/s from the analytic model FLOPs (`dit_step.dit_forward_flops`; a train
+   step = 3x forward) next to XLA's own count from the compiled cost analysis.
+3. `compiled`: for --compile-sizes at global batch --compile-batch on an 8-device CPU mesh
+   under the fsdp and fsdp_tp presets, the per-device cost and memory analysis of the
+   compiled train step (`jit(...).lower(abstract state, abstract batch).compile()`).
+   Nothing is allocated: the state is abstract. `temp` is dominated by the (B, heads, L, L)
+   attention matrices XLA's CPU attention keeps for the backward pass. Layouts: "loop"
+   (the default model), "loop+remat" (remat_policy=full; XLA:CPU schedules it without
+   saving memory), "scan+remat" (scan_layers + full remat: one layer's activations live).
+   Runs in a child process because the 8 simulated devices must be configured before jax
+   starts (and would split the CPU between them for part 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dithead_jax import sharding  # noqa: E402
+from dithead_jax.config import DiffusionConfig, DiTConfig, TrainConfig  # noqa: E402
+from dithead_jax.models.dit import DiT  # noqa: E402
+from dithead_jax.training import dit_step  # noqa: E402
+from dithead_jax.training.metrics import measure_gemm_flops  # noqa: E402
+from dithead_jax.training.state import (  # noqa: E402
+    abstract_train_state,
+    create_train_state,
+    make_optimizer,
+)
+
+
+def _emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def _cost(compiled) -> dict[str, float]:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):  # older jax: one dict per program
+        analysis = analysis[0]
+    return {k: float(analysis.get(k, 0.0)) for k in ("flops", "bytes accessed")}
+
+
+def _best(fn, args, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _batch(cfg: DiTConfig, n: int, mesh) -> dict[str, jax.Array]:
+    rng = np.random.default_rng(0)
+    latent = (n, cfg.input_size, cfg.input_size, cfg.latent_channels)
+    host = {
+        "latent": rng.normal(size=latent),
+        "masked_latent": rng.normal(size=latent),
+        "reference_latent": rng.normal(size=latent),
+        "audio": rng.normal(size=(n, cfg.audio_window, cfg.audio_dim)),
+    }
+    batch_sharding = sharding.batch_sharding(sharding.DIT_RULES, mesh)
+    return {k: jax.device_put(v.astype(np.float32), batch_sharding) for k, v in host.items()}
+
+
+def speed(size: str, batch: int, repeats: int) -> dict:
+    cfg = DiTConfig.named(size)  # input_size 64, patch 2: 1024 tokens
+    train = TrainConfig(global_batch_size=batch)
+    mesh = sharding.make_mesh("dp", jax.devices()[:1])
+    state, setup = create_train_state(
+        lambda r: DiT(cfg, rngs=r), make_optimizer(train), seed=0, mesh=mesh,
+        rules=sharding.DIT_RULES,
+    )  # fmt: skip
+    data = _batch(cfg, batch, mesh)
+    graphdef = setup.graphdef
+
+    def forward(params, data):
+        from flax import nnx
+
+        z = data["latent"]
+        x = jnp.concatenate([z, data["masked_latent"], data["reference_latent"]], axis=-1)
+        t = jnp.full((z.shape[0],), 500, jnp.int32)
+        return nnx.merge(graphdef, params)(x, t, data["audio"])
+
+    start = time.perf_counter()
+    fwd = jax.jit(forward).lower(state.params, data).compile()
+    fwd_compile = time.perf_counter() - start
+    fwd_s = _best(fwd, (state.params, data), repeats)
+
+    step = dit_step.jit_train_step(
+        dit_step.make_train_step(setup, DiffusionConfig(), train), setup, data["latent"].sharding
+    )
+    start = time.perf_counter()
+    step_c = step.lower(state, data).compile()
+    step_compile = time.perf_counter() - start
+    best = float("inf")
+    for _ in range(repeats):  # the step donates its state: thread it through
+        start = time.perf_counter()
+        state, metrics = step_c(state, data)
+        jax.block_until_ready(metrics)
+        best = min(best, time.perf_counter() - start)
+
+    fwd_flops = batch * dit_step.dit_forward_flops(cfg)
+    step_flops = dit_step.dit_train_flops(cfg, batch)
+    return {
+        "bench": "dit_speed",
+        "model": f"DiT-{size.replace('_', '/')}",
+        "tokens": (cfg.input_size // cfg.patch_size) ** 2,
+        "batch": batch,
+        "params_M": round(sum(x.size for x in jax.tree.leaves(state.params)) / 1e6, 2),
+        "forward_s": round(fwd_s, 3),
+        "train_step_s": round(best, 3),
+        "forward_gflops": round(fwd_flops / 1e9, 1),
+        "train_step_gflops": round(step_flops / 1e9, 1),
+        "forward_gflop_per_s": round(fwd_flops / fwd_s / 1e9, 1),
+        "train_step_gflop_per_s": round(step_flops / best / 1e9, 1),
+        "xla_forward_gflops": round(_cost(fwd)["flops"] / 1e9, 1),
+        "xla_train_step_gflops": round(_cost(step_c)["flops"] / 1e9, 1),
+        "compile_s": {"forward": round(fwd_compile, 1), "train_step": round(step_compile, 1)},
+    }
+
+
+def compiled_analysis(size: str, preset: str, global_batch: int, layout: str) -> dict:
+    """Per-device cost / memory of DiT-{size}'s train step, compiled for 8 devices.
+
+    layout: "loop" (the default model), "loop+remat" (remat_policy="full"), or
+    "scan+remat" (scan_layers=True, remat_policy="full").
+    """
+    if layout not in ("loop", "loop+remat", "scan+remat"):
+        raise ValueError(f"unknown layout {layout!r}")
+    remat = "full" if layout.endswith("+remat") else "none"
+    scan = layout.startswith("scan")
+    cfg = DiTConfig.named(size, remat_policy=remat, scan_layers=scan)
+    train = TrainConfig(global_batch_size=global_batch)
+    mesh = sharding.make_mesh(preset)
+    setup = abstract_train_state(
+        lambda r: DiT(cfg, rngs=r), make_optimizer(train), mesh=mesh, rules=sharding.DIT_RULES
+    )
+    batch_sharding = sharding.batch_sharding(sharding.DIT_RULES, mesh)
+    latent = (global_batch, cfg.input_size, cfg.input_size, cfg.latent_channels)
+    batch = {
+        k: jax.ShapeDtypeStruct(latent, jnp.float32, sharding=batch_sharding)
+        for k in ("latent", "masked_latent", "reference_latent")
+    }
+    audio = (global_batch, cfg.audio_window, cfg.audio_dim)
+    batch["audio"] = jax.ShapeDtypeStruct(audio, jnp.float32, sharding=batch_sharding)
+    step = dit_step.jit_train_step(
+        dit_step.make_train_step(setup, DiffusionConfig(), train), setup, batch_sharding
+    )
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = step.lower(setup.abstract, batch).compile()
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    gib = 2.0**30
+    cost = _cost(compiled)
+    analytic = dit_step.dit_train_flops(cfg, global_batch) / mesh.size
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract.params))
+    record = {
+        "bench": "dit_compiled",
+        "model": f"DiT-{size.replace('_', '/')}",
+        "mesh": preset,
+        "mesh_shape": dict(mesh.shape),
+        "global_batch": global_batch,
+        "layout": layout,
+        "params_M": round(params / 1e6, 1),
+        "per_device": {
+            "xla_tflops": round(cost["flops"] / 1e12, 2),
+            "analytic_model_tflops": round(analytic / 1e12, 2),
+            "bytes_accessed_gib": round(cost["bytes accessed"] / gib, 2),
+            "argument_gib": round(memory.argument_size_in_bytes / gib, 3),
+            "output_gib": round(memory.output_size_in_bytes / gib, 3),
+            "alias_gib": round(memory.alias_size_in_bytes / gib, 3),
+            "temp_gib": round(memory.temp_size_in_bytes / gib, 2),
+            "generated_code_mib": round(memory.generated_code_size_in_bytes / 2**20, 1),
+        },
+        "compile_s": round(compile_s, 1),
+        "backend": jax.default_backend(),
+    }
+    if scan:  # XLA's cost analysis counts a while loop's body once
+        record["per_device"]["xla_tflops_counts_one_layer_of_the_scan"] = True
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="S_2,B_2")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile-sizes", default="L_2,XL_2")
+    parser.add_argument("--compile-batch", type=int, default=256)
+    parser.add_argument("--layouts", default="loop,scan+remat", help="loop, loop+remat, scan+remat")
+    parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.compile_only:  # the child process of part 3
+        if jax.device_count() != 8:
+            raise SystemExit(
+                "--compile-only wants XLA_FLAGS=--xla_force_host_platform_device_count=8"
+            )
+        for size in filter(None, args.compile_sizes.split(",")):
+            for layout in args.layouts.split(","):
+                for preset in ("fsdp", "fsdp_tp"):
+                    _emit(compiled_analysis(size, preset, args.compile_batch, layout))
+        return
+
+    gemm = measure_gemm_flops(n=2048, repeats=5)
+    _emit({"bench": "gemm", "n": 2048, "dtype": "float32", "gflop_per_s": round(gemm / 1e9, 1),
+           "devices": jax.device_count(), "cpus": os.cpu_count()})  # fmt: skip
+    for size in filter(None, args.sizes.split(",")):
+        record = speed(size, args.batch, args.repeats)
+        record["fraction_of_gemm_peak"] = round(record["train_step_gflop_per_s"] * 1e9 / gemm, 2)
+        _emit(record)
+
+    if not args.skip_compile:
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                            " --xla_force_host_platform_device_count=8").strip()  # fmt: skip
+        cmd = [sys.executable, __file__, "--compile-only", f"--compile-sizes={args.compile_sizes}",
+               f"--compile-batch={args.compile_batch}", f"--layouts={args.layouts}"]  # fmt: skip
+        subprocess.run(cmd, env=env, check=True)
+
+
+if __name__ == "__main__":
+    main()

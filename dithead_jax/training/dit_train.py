@@ -1,0 +1,202 @@
+"""Stage-2 training, assembled: config -> mesh -> data -> sharded state -> step -> loop.
+
+Laid out in big_vision's banner-marked sections so the whole trainer reads top to bottom;
+`train.py` is only the command line around `build_task` and `loop.run` (as `train_dit`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from dithead_jax import config as cfg
+from dithead_jax import sharding
+from dithead_jax.models.dit import DiT
+from dithead_jax.training import dit_step, loop
+from dithead_jax.training import metrics as metrics_lib
+from dithead_jax.training.state import (
+    abstract_train_state,
+    count_params,
+    create_train_state,
+    make_optimizer,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTRun:
+    """The typed view of a `configs/dit.py` run config."""
+
+    model: cfg.DiTConfig
+    diffusion: cfg.DiffusionConfig
+    train: cfg.TrainConfig
+    mesh: cfg.MeshConfig
+    data: cfg.DataConfig
+
+    @classmethod
+    def from_config(cls, config: Any) -> DiTRun:
+        return cls(
+            model=cfg.from_dict(cfg.DiTConfig, config.model),
+            diffusion=cfg.from_dict(cfg.DiffusionConfig, config.diffusion),
+            train=cfg.from_dict(cfg.TrainConfig, config.train),
+            mesh=sharding.mesh_config(config.mesh),
+            data=cfg.from_dict(cfg.DataConfig, config.data),
+        )
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def _check_batch(batch: Mapping[str, np.ndarray], model: cfg.DiTConfig) -> None:
+    latent = (model.input_size, model.input_size, model.latent_channels)
+    want = {k: latent for k in ("latent", "masked_latent", "reference_latent")}
+    want["audio"] = (model.audio_window, model.audio_dim)
+    for key, shape in want.items():
+        if key not in batch:
+            raise ValueError(f"stage-2 batches need {key!r}; got {sorted(batch)}")
+        if tuple(batch[key].shape[1:]) != shape:
+            raise ValueError(
+                f"{key}: records hold {tuple(batch[key].shape[1:])}, the model wants {shape} "
+                "(check --config.model.input_size / latent_channels against the records)"
+            )
+
+
+def dit_batches(run: DiTRun, *, shuffle: bool = True, seed_offset: int = 0) -> Iterator:
+    """This host's stage-2 batches (a checkpointable grain iterator)."""
+    from dithead_jax.data import pipelines  # imports TFDS: only when records are read
+
+    if not run.data.dir:
+        raise ValueError("--config.data.dir must name stage-2 latent records")
+    per_host = run.train.global_batch_size // jax.process_count()
+    dataset = pipelines.dit_dataset(
+        run.data.dir,
+        "train",
+        batch_size=per_host,
+        seed=run.train.seed + seed_offset,
+        min_reference_distance=run.data.min_reference_distance,
+        shuffle=shuffle,
+    )
+    return iter(dataset)
+
+
+def build_task(
+    config: Any,
+    *,
+    batches: Iterator[Mapping[str, np.ndarray]] | None = None,
+    preview_batch: Mapping[str, np.ndarray] | None = None,
+    devices: list | None = None,
+    compiler_options: dict[str, Any] | None = None,
+) -> loop.Task:
+    """Everything the loop needs for a DiT run. `batches` / `preview_batch` default to the
+    records in `config.data.dir` (tests may pass in-memory host batches instead);
+    `compiler_options` go to every jit (see `dit_step.jit_train_step`)."""
+    run = DiTRun.from_config(config)
+
+    # ---- Mesh --------------------------------------------------------------------------
+    mesh = sharding.make_mesh(run.mesh, devices)
+    rules = sharding.DIT_RULES
+    shards = sharding.batch_shards(rules, mesh)
+    if run.train.global_batch_size % (shards * jax.process_count()):
+        raise ValueError(f"global batch {run.train.global_batch_size} is not a multiple of the "
+                         f"{shards} batch shards x {jax.process_count()} processes")  # fmt: skip
+    logging.info("Mesh: %s", sharding.describe(mesh))
+
+    # ---- Input -------------------------------------------------------------------------
+    if batches is None:
+        batches = dit_batches(run)
+    if preview_batch is None and run.data.dir:
+        # A fixed, unshuffled batch: the preview shows the same examples at every step.
+        preview_batch = next(dit_batches(run, shuffle=False, seed_offset=1))
+    batch_sharding = sharding.batch_sharding(rules, mesh)
+
+    def to_global(host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        from dithead_jax.data.pipelines import make_global_batch
+
+        host_batch = {k: host_batch[k] for k in dit_step.BATCH_KEYS}
+        return make_global_batch(host_batch, batch_sharding)
+
+    # ---- Model and sharded state ---------------------------------------------------------
+    tx = make_optimizer(run.train)
+    state, setup = create_train_state(
+        lambda rngs: DiT(run.model, rngs=rngs),
+        tx,
+        seed=run.train.seed,
+        mesh=mesh,
+        rules=rules,
+        compiler_options=compiler_options,
+    )
+    logging.info("DiT: %.1fM parameters, compute %s, params %s",
+                 count_params(state) / 1e6, run.model.dtype, run.model.param_dtype)  # fmt: skip
+
+    # ---- Step ----------------------------------------------------------------------------
+    step_fn = dit_step.make_train_step(setup, run.diffusion, run.train)
+    jitted = dit_step.jit_train_step(step_fn, setup, batch_sharding, compiler_options)
+
+    def train_step(state: Any, batch: Any) -> Any:
+        with jax.set_mesh(mesh):
+            return jitted(state, batch)
+
+    # ---- Preview -------------------------------------------------------------------------
+    preview = None
+    if preview_batch is not None:
+        _check_batch(preview_batch, run.model)
+        fixed = to_global(preview_batch)
+        count = min(run.train.preview_count, run.train.global_batch_size)
+        preview_fn = dit_step.make_preview(
+            setup, run.diffusion, batch_sharding, count, run.train.seed, compiler_options
+        )
+        columns = ("latent", "masked_latent", "reference_latent", "noisy", "denoised",
+                   "denoised_ema")  # fmt: skip
+
+        def preview(state: Any) -> dict[str, np.ndarray]:
+            with jax.set_mesh(mesh):
+                out = jax.device_get(preview_fn(state, fixed))
+            # Columns: target | masked | reference | z_t (noise grows down) | x0 | x0 (EMA)
+            return {"preview": metrics_lib.latent_grid([out[c] for c in columns])[None]}
+
+    return loop.Task(
+        state=state,
+        abstract_state=setup.abstract,
+        train_step=train_step,
+        batches=batches,
+        to_global=to_global,
+        examples_per_step=run.train.global_batch_size,
+        flops_per_step=dit_step.dit_train_flops(run.model, run.train.global_batch_size),
+        preview=preview,
+        config=_config_dict(config),
+    )
+
+
+def train_dit(config: Any, workdir: str | os.PathLike, **task_kwargs: Any) -> loop.RunResult:
+    """Builds the task from `config` and runs the loop in `workdir` (resuming if possible)."""
+    run = DiTRun.from_config(config)
+    task = build_task(config, **task_kwargs)
+    return loop.run(task, run.train, workdir)
+
+
+def load_model(workdir: str | os.PathLike, config: Any, *, ema: bool = True) -> nnx.Module:
+    """The DiT of the newest checkpoint in `workdir` (EMA weights by default), on one device."""
+    from dithead_jax.training.checkpoint import Checkpointer
+
+    run = DiTRun.from_config(config)
+    mesh = sharding.make_mesh("dp", jax.devices()[:1])
+    make_model = lambda rngs: DiT(run.model, rngs=rngs)
+    setup = abstract_train_state(
+        make_model, make_optimizer(run.train), mesh=mesh, rules=sharding.DIT_RULES
+    )
+    ckpt = Checkpointer(os.path.join(os.fspath(workdir), "checkpoints"))
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+        state = ckpt.restore(step, setup.abstract)
+    finally:
+        ckpt.close()
+    return nnx.merge(setup.graphdef, state.ema_params if ema else state.params)

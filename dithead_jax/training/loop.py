@@ -1,0 +1,216 @@
+"""The training loop shared by both stages: resume, step, log, preview, checkpoint, stop.
+
+    state <- latest checkpoint in <workdir>/checkpoints (and the data iterator with it)
+    for step in start+1 .. num_steps:
+        state, metrics = train_step(state, to_global(next(batches)))
+        every log_every:        loss, grad norm, lr, steps/s, examples/s, MFU -> writer
+        every image_every:      task.preview(state) image grid -> writer
+        every checkpoint_every: async checkpoint (and at the end, and on SIGTERM)
+    wait for checkpoints to land
+
+Metrics are read one step late: step s's scalars are fetched after step s+1 has been
+dispatched, so the host never idles the device just to look at a loss. The step itself
+refuses to apply a non-finite update (see `dit_step.make_train_step`); the loop stops on
+the first non-finite loss with `NonFiniteLossError`, saving nothing, so the newest
+checkpoint on disk is the last good state.
+
+Preemption: SIGTERM sets a flag; the loop finishes the current step, saves, waits for the
+write and returns. In multi-process runs the same decision comes from Orbax's
+`reached_preemption` (jax.distributed's preemption notice), which every process sees at
+the same step, as a collective save needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from dithead_jax.config import TrainConfig
+from dithead_jax.training import metrics as metrics_lib
+from dithead_jax.training.checkpoint import Checkpointer
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/inf loss or gradient; the message names the good checkpoint."""
+
+
+@dataclasses.dataclass
+class Task:
+    """What one training stage hands the loop.
+
+    state: the freshly initialised, sharded train state (replaced on resume);
+    abstract_state: its ShapeDtypeStructs with shardings (the restore target);
+    train_step: jitted (state, global batch) -> (state, {"loss", "grad_norm", ...});
+    batches: host-local batches; a grain iterator is checkpointed with the state;
+    to_global: host batch -> global batch of `jax.Array`s;
+    preview: optional state -> {name: (N, H, W, 3) image in [0, 1]} for the writer;
+    examples_per_step / flops_per_step: global, for throughput and MFU;
+    config: the run config (JSON-able), saved with every checkpoint.
+    """
+
+    state: Any
+    abstract_state: Any
+    train_step: Callable[[Any, Any], tuple[Any, Mapping[str, jax.Array]]]
+    batches: Iterator[Mapping[str, np.ndarray]]
+    to_global: Callable[[Mapping[str, np.ndarray]], Any]
+    examples_per_step: int
+    flops_per_step: float | None = None
+    preview: Callable[[Any], Mapping[str, np.ndarray]] | None = None
+    config: Mapping[str, Any] | None = None
+
+
+@dataclasses.dataclass
+class RunResult:
+    state: Any
+    start_step: int  # the step training resumed from (0 for a fresh run)
+    final_step: int
+    losses: dict[int, float]  # per step run in this call
+    preempted: bool = False
+
+
+class _StopFlag:
+    """SIGTERM -> flag, restored on exit. Only the main thread may install handlers."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        logging.warning("SIGTERM received: saving a checkpoint after this step, then exiting")
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _progress_bar(mode: str, total: int, initial: int) -> Any:
+    interactive = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
+    if not interactive or jax.process_index() > 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+def run(task: Task, train: TrainConfig, workdir: str | os.PathLike) -> RunResult:
+    """Trains `task` to `train.num_steps`, resuming from `workdir` if it holds checkpoints."""
+    workdir = os.fspath(workdir)
+    ckpt = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=train.keep_checkpoints,
+        asynchronous=train.async_checkpoints,
+    )
+    state, start = task.state, 0
+    latest = ckpt.latest_step()
+    if latest is not None:
+        logging.info("Resuming from step %d (checkpoint in %s)", latest, ckpt.directory)
+        state = ckpt.restore(latest, task.abstract_state, data_iter=task.batches)
+        start = int(jax.device_get(state.step))
+        if start != latest:
+            raise RuntimeError(f"checkpoint {latest} holds a state at step {start}")
+    else:
+        logging.info("Starting from step 0 (no checkpoint in %s)", ckpt.directory)
+    if start >= train.num_steps:
+        logging.info("Nothing to do: step %d >= num_steps %d", start, train.num_steps)
+
+    writer = metrics_lib.create_writer(workdir)
+    if latest is None and task.config is not None:
+        writer.write_hparams(metrics_lib.flatten_config(task.config))
+    throughput = metrics_lib.Throughput(
+        task.examples_per_step,
+        task.flops_per_step,
+        metrics_lib.peak_flops_per_device(train.peak_tflops) if task.flops_per_step else None,
+    )
+    bar = _progress_bar(train.progress, train.num_steps, start)
+    result = RunResult(state=state, start_step=start, final_step=start, losses={})
+    window: dict[str, list[float]] = {}
+    pending: tuple[int, Mapping[str, jax.Array]] | None = None
+
+    def consume(step: int, device_metrics: Mapping[str, jax.Array]) -> None:
+        """Host side of step `step`: finiteness check, averaging, logging."""
+        values = {k: float(v) for k, v in jax.device_get(dict(device_metrics)).items()}
+        loss = values["loss"]
+        if not (math.isfinite(loss) and math.isfinite(values.get("grad_norm", 0.0))):
+            ckpt.wait()
+            good = ckpt.latest_step()
+            where = f"step {good} in {ckpt.directory}" if good is not None else "none yet"
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss}) or gradient norm ({values.get('grad_norm')}) at "
+                f"step {step}; stopped without saving. Last good checkpoint: {where}."
+            )
+        result.losses[step] = loss
+        if step == start + 1:
+            throughput.start(step)  # the first step compiled; time from here on
+        for key, value in values.items():
+            window.setdefault(key, []).append(value)
+        if bar is not None:
+            bar.update(1)
+        if step % train.log_every == 0 or step == train.num_steps:
+            scalars = {k: float(np.mean(v)) for k, v in window.items()}
+            scalars["lr"] = values.get("lr", scalars.get("lr", 0.0))
+            scalars |= throughput.measure(step)
+            writer.write_scalars(step, scalars)
+            window.clear()
+            if bar is not None:
+                bar.set_postfix(loss=f"{scalars['loss']:.4f}")
+
+    def flush() -> None:
+        nonlocal pending
+        if pending is not None:
+            consume(*pending)
+            pending = None
+
+    step = start
+    try:
+        with _StopFlag() as stop:
+            while step < train.num_steps:
+                host_batch = next(task.batches)
+                state, device_metrics = task.train_step(state, task.to_global(host_batch))
+                step += 1
+                flush()  # the previous step's metrics, while this one runs
+                pending = (step, device_metrics)
+                preempt = stop.requested or (jax.process_count() > 1
+                                             and ckpt.reached_preemption(step))  # fmt: skip
+                if task.preview is not None and step % train.image_every == 0:
+                    flush()
+                    started = time.perf_counter()
+                    writer.write_images(step, task.preview(state))
+                    throughput.exclude(time.perf_counter() - started)
+                if step % train.checkpoint_every == 0 or step == train.num_steps or preempt:
+                    flush()  # never save a state whose loss was not checked
+                    started = time.perf_counter()
+                    ckpt.save(step, state, config=task.config, data_iter=task.batches)
+                    throughput.exclude(time.perf_counter() - started)
+                if preempt:
+                    ckpt.wait()
+                    logging.warning("Preempted: checkpoint of step %d saved; exiting", step)
+                    result.preempted = True
+                    break
+            flush()
+    finally:
+        result.state, result.final_step = state, step
+        if bar is not None:
+            bar.close()
+        with contextlib.suppress(Exception):
+            writer.flush()
+            writer.close()
+        ckpt.close()
+    return result

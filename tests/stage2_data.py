@@ -1,0 +1,62 @@
+"""Random stage-2 records for training tests (random arrays stand in for VQGAN latents)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # when run as a script
+
+from dithead_jax.data import records  # noqa: E402
+
+
+def write_random_stage2(
+    out_dir: str | Path,
+    *,
+    videos: int = 2,
+    frames: int = 24,
+    latent_shape: tuple[int, int, int] = (16, 16, 3),
+    num_masked: int = 2,
+    audio_window: int = 11,
+    audio_dim: int = 33,
+    seed: int = 0,
+) -> Path:
+    """Writes and finalizes `videos` videos of `frames` random frames; returns `out_dir`.
+
+    The masked latent is the target latent with its lower half zeroed, so it is a plausible
+    function of the target; the audio is random.
+    """
+    writer = records.DatasetWriter(
+        out_dir,
+        "stage2",
+        latent_shape=latent_shape,
+        num_masked=num_masked,
+        audio_window=audio_window,
+        audio_dim=audio_dim,
+    )
+    rng = np.random.default_rng(seed)
+    h = latent_shape[0]
+    for v in range(videos):
+        latent = rng.normal(size=(frames, *latent_shape)).astype(np.float32)
+        masked = np.repeat(latent[:, None], num_masked, axis=1)
+        masked[:, :, h // 2 :] = 0.0
+        writer.write_video(
+            "train",
+            f"video{v:03d}",
+            {
+                "latent": latent.astype(np.float16),
+                "masked_latents": masked.astype(np.float16),
+                "audio": rng.normal(size=(frames, audio_window, audio_dim)).astype(np.float32),
+            },
+            identity=f"id{v % 2}",
+        )
+    writer.finalize()
+    return Path(out_dir)
+
+
+if __name__ == "__main__":
+    # Random records for a CPU demo of train.py (configs/dit.py:testing wants 16x16x3):
+    #   python tests/stage2_data.py /tmp/latents
+    print(write_random_stage2(sys.argv[1], videos=4, frames=32))
