@@ -1,9 +1,12 @@
-"""Trains the DiT-Head denoiser (stage 2) on precomputed latent records.
+"""Trains either stage of DiT-Head: the VQGANs (stage 1) or the DiT denoiser (stage 2).
 
+    python train.py --config configs/vqgan.py:f4_16384 --workdir W1 --config.data.dir=STAGE1 \
+        [--config.target=frames|masked]
     python train.py --config configs/dit.py:testing --workdir /tmp/dit \
         --config.data.dir=LATENTS [--config.mesh=dp|fsdp|fsdp_tp] [--config.<field>=<value>]
 
-Variants: testing (tiny; a short CPU run), S_2, B_2, L_2, XL_2. Re-running with the same
+The config's `stage` picks the trainer (configs/vqgan.py sets "vqgan"; DiT configs "dit").
+DiT variants: testing (tiny; a short CPU run), S_2, B_2, L_2, XL_2. Re-running with the same
 --workdir resumes from its newest checkpoint. TensorBoard event files go to --workdir.
 Multi-host jobs (TPU pods, SLURM, MPI, or JAX_COORDINATOR_ADDRESS set) initialise
 jax.distributed automatically; run the same command on every host.
@@ -42,7 +45,16 @@ def main(argv: list[str]) -> None:
     sharding.maybe_initialize_distributed()
 
     from dithead_jax.cli import check_writable_dir, fail
-    from dithead_jax.training import dit_train, loop
+    from dithead_jax.training import dit_train, loop, vqgan_train
+
+    trainers = {
+        "vqgan": (vqgan_train.VQGANRun, vqgan_train.build_task),
+        "dit": (dit_train.DiTRun, dit_train.build_task),
+    }
+    stage = _CONFIG.value.get("stage", "dit")
+    if stage not in trainers:
+        fail("train.py", f"config.stage must be one of {sorted(trainers)}, got {stage!r}")
+    run_type, build_task = trainers[stage]
 
     workdir = _WORKDIR.value
     if "://" not in workdir:  # gs:// and friends go straight to Orbax / tensorboardX
@@ -51,8 +63,8 @@ def main(argv: list[str]) -> None:
             # A resumed run (after preemption, say) then skips recompiling its step.
             jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
     try:  # bad config or data: one line, no traceback
-        run = dit_train.DiTRun.from_config(_CONFIG.value)
-        task = dit_train.build_task(_CONFIG.value)
+        run = run_type.from_config(_CONFIG.value)
+        task = build_task(_CONFIG.value)
     except (ValueError, FileNotFoundError) as e:
         fail("train.py", str(e))
     try:

@@ -30,6 +30,7 @@ def _section(instance) -> ml_collections.ConfigDict:
 def get_config(arg: str = "L_2") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.variant = arg
+    config.stage = "dit"
     if arg == "testing":
         model = cfg.DiTConfig.testing()
         train = cfg.TrainConfig(
@@ -41,6 +42,22 @@ def get_config(arg: str = "L_2") -> ml_collections.ConfigDict:
             preview_count=4,
         )
         data = cfg.DataConfig(image_size=64, min_reference_distance=8)
+    elif arg == "demo":
+        # The CPU demo: 64^2 crops -> 16x16x3 latents, 64 tokens; minutes on two cores.
+        model = cfg.DiTConfig.testing(hidden_size=192, depth=6, num_heads=6)
+        train = cfg.TrainConfig(
+            global_batch_size=32,
+            num_steps=1500,
+            learning_rate=3e-4,
+            warmup_steps=100,
+            grad_clip_norm=1.0,
+            ema_decay=0.995,
+            log_every=50,
+            image_every=500,
+            checkpoint_every=500,
+            preview_count=4,
+        )
+        data = cfg.DataConfig(image_size=64, min_reference_distance=25)
     else:
         model = cfg.DiTConfig.named(arg)
         train = cfg.TrainConfig()

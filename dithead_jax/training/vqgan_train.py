@@ -1,0 +1,386 @@
+"""Stage-1 training, assembled: config -> mesh -> data -> sharded state -> step -> loop.
+
+Mirrors `dit_train.py` section for section; the stage-specific parts are:
+
+One train state for two networks. `VQGANTrainer` holds the VQGAN, the PatchGAN
+discriminator and the codebook ages, so `TrainState.params` (every nnx.Param) covers all
+of them and the shared loop, checkpointer and sharding rules apply unchanged. A single
+Adam(b1 0.5, b2 0.9) over the combined tree is exactly two Adams with the same
+hyperparameters (Adam is elementwise and both share the step count) provided each network's
+gradient comes only from its own loss: the step takes the generator loss's gradient w.r.t.
+the VQGAN alone (the discriminator is a constant there) and the hinge loss's gradient
+w.r.t. the discriminator alone (the reconstructions are constants), and stitches the two
+into one gradient tree. Unlike taming (two optimiser passes, the second re-running the
+updated generator), D sees this step's pre-update reconstructions -- the usual
+simultaneous-update GAN step, and one VQGAN forward instead of two.
+
+Dead codes. The per-code age (steps since last picked) lives in the trainer as a float32
+`nnx.Param` (`code_age`), so it is checkpointed, sharded and restored with everything else
+(`create_train_state` accepts nnx.Param state only). No loss reads it, so its gradient is
+zero and Adam leaves it alone (zero moments give a zero update); after the update the step
+overwrites it, and the codebook, with `vqgan.refresh_codebook`'s results. Ages are small
+integers, exact in float32. With `dead_code_steps == 0` the ages still count but nothing is
+ever reset.
+
+LPIPS is frozen and not trained: its weights travel as a separate, replicated argument of
+the jitted step (not a closure constant, which XLA would embed in the program).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from dithead_jax import config as cfg
+from dithead_jax import sharding
+from dithead_jax.models.layers import partitioned
+from dithead_jax.models.vqgan import VQGAN, refresh_codebook
+from dithead_jax.training import loop
+from dithead_jax.training import vqgan_losses as losses
+from dithead_jax.training.state import (
+    StateSetup,
+    TrainState,
+    abstract_train_state,
+    count_params,
+    create_train_state,
+    ema_update,
+)
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+Metrics = dict[str, Array]
+BATCH_KEYS = ("image",)
+
+
+@dataclasses.dataclass(frozen=True)
+class VQGANRun:
+    """The typed view of a `configs/vqgan.py` run config (a ConfigDict or its saved dict)."""
+
+    model: cfg.VQGANConfig
+    loss: cfg.VQGANLossConfig
+    train: cfg.TrainConfig
+    mesh: cfg.MeshConfig
+    data: cfg.DataConfig
+    target: str = "frames"
+    use_lpips: bool = True
+
+    @classmethod
+    def from_config(cls, config: Any) -> VQGANRun:
+        get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
+        stage = get("stage", "vqgan")
+        if stage != "vqgan":
+            raise ValueError(f"config.stage is {stage!r}; this trainer runs 'vqgan'")
+        target = get("target", "frames")
+        if target not in ("frames", "masked"):
+            raise ValueError(f"config.target must be 'frames' or 'masked', got {target!r}")
+        run = cls(
+            model=cfg.from_dict(cfg.VQGANConfig, config["model"]),
+            loss=cfg.from_dict(cfg.VQGANLossConfig, config["loss"]),
+            train=cfg.from_dict(cfg.TrainConfig, config["train"]),
+            mesh=sharding.mesh_config(config["mesh"]),
+            data=cfg.from_dict(cfg.DataConfig, config["data"]),
+            target=target,
+            use_lpips=bool(get("use_lpips", True)),
+        )
+        if run.loss.perceptual_weight and not run.use_lpips:
+            raise ValueError("loss.perceptual_weight > 0 needs use_lpips=True (or set it to 0)")
+        return run
+
+    @property
+    def learning_rate(self) -> float:
+        return self.loss.learning_rate(self.train.global_batch_size)
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+# ---------------------------------------------------------------------------------------
+# The trained modules and the step
+
+
+class VQGANTrainer(nnx.Module):
+    """Everything stage 1 trains or carries, as one module (see the module doc)."""
+
+    def __init__(self, model: cfg.VQGANConfig, loss: cfg.VQGANLossConfig, *, rngs: nnx.Rngs):
+        self.vqgan = VQGAN(model, rngs=rngs)
+        self.disc = losses.discriminator_model(loss, rngs=rngs, in_channels=model.out_channels)
+        zeros = partitioned(nnx.initializers.zeros_init(), ("codebook",))
+        self.code_age = nnx.Param(zeros(rngs.params(), (model.codebook_size,), jnp.float32))
+
+
+def make_optimizer(run: VQGANRun) -> optax.GradientTransformation:
+    return losses.optimizer(run.loss, run.train.global_batch_size)
+
+
+def make_train_step(
+    setup: StateSetup, run: VQGANRun, lpips_graphdef: nnx.GraphDef | None
+) -> Callable[[TrainState, Batch, Any], tuple[TrainState, Metrics]]:
+    """The un-jitted step: (state, global batch, LPIPS state) -> (new state, metrics).
+
+    As in `dit_step`, the per-step key is `fold_in(key(seed), step)` (a resumed run resets
+    the same codes an uninterrupted one would) and a non-finite loss or gradient leaves the
+    state untouched, so the loop can stop with the last good weights intact.
+    """
+    graphdef, tx, loss_cfg = setup.graphdef, setup.tx, run.loss
+    base_key = jax.random.key(run.train.seed)
+    lr = run.learning_rate
+
+    def step_fn(state: TrainState, batch: Batch, lpips_state: Any) -> tuple[TrainState, Metrics]:
+        step = state.step
+        lpips = nnx.merge(lpips_graphdef, lpips_state) if lpips_graphdef is not None else None
+        trainer = nnx.merge(graphdef, state.params)
+        vq_def, vq_params = nnx.split(trainer.vqgan, nnx.Param)
+        d_def, d_params = nnx.split(trainer.disc, nnx.Param)
+
+        # Generator: gradient w.r.t. the VQGAN only; the discriminator is read, not trained.
+        def generator(p: nnx.State) -> tuple[Array, dict[str, Any]]:
+            vqgan = nnx.merge(vq_def, p)
+            return losses.vqgan_generator_loss(vqgan, trainer.disc, lpips, batch, step, loss_cfg)
+
+        (loss, aux), g_grads = jax.value_and_grad(generator, has_aux=True)(vq_params)
+
+        # Discriminator: hinge on real frames vs. this step's (constant) reconstructions.
+        def discriminator(p: nnx.State) -> tuple[Array, dict[str, Array]]:
+            disc = nnx.merge(d_def, p)
+            return losses.discriminator_loss(disc, batch, aux["reconstructions"], step, loss_cfg)
+
+        (_, d_metrics), d_grads = jax.value_and_grad(discriminator, has_aux=True)(d_params)
+
+        grads = jax.tree.map(jnp.zeros_like, state.params)  # code_age: zero gradient
+        grads["vqgan"], grads["disc"] = g_grads, d_grads
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+
+        # Codebook upkeep after the update, as taming's trainers do it.
+        quantize = params["vqgan"]["quantize"]
+        codebook, age, reset = refresh_codebook(
+            quantize["codebook"][...],
+            params["code_age"][...].astype(jnp.int32),
+            aux["indices"],
+            aux["latents"],
+            jax.random.fold_in(base_key, step),
+            loss_cfg.dead_code_steps,
+        )
+        quantize["codebook"] = quantize["codebook"].replace(codebook)
+        params["code_age"] = params["code_age"].replace(age.astype(jnp.float32))
+
+        new_state = TrainState(
+            step=step + 1,
+            params=params,
+            opt_state=opt_state,
+            ema_params=ema_update(state.ema_params, params, run.train.ema_decay),
+        )
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+        metrics = aux["metrics"] | d_metrics
+        metrics |= {
+            "grad_norm": grad_norm,
+            "generator_grad_norm": optax.global_norm(g_grads),
+            "disc_grad_norm": optax.global_norm(d_grads),
+            "codes_reset": reset,
+            "lr": jnp.asarray(lr),
+        }
+        return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+    return step_fn
+
+
+def make_preview(setup: StateSetup, count: int) -> Callable[[TrainState, Batch], dict[str, Array]]:
+    """(state, batch) -> the first `count` images and their reconstructions by the current
+    and the EMA weights, all (n, H, W, 3) in [-1, 1] (un-jitted; see `build_task`)."""
+    graphdef = setup.graphdef
+
+    def preview(state: TrainState, batch: Batch) -> dict[str, Array]:
+        images = losses.images_of(batch)[:count]
+        out = {"original": images}
+        for name, params in (("reconstruction", state.params), ("ema", state.ema_params)):
+            out[name] = nnx.merge(graphdef, params).vqgan(images)[0]
+        return out
+
+    return preview
+
+
+def image_grid(columns: list[np.ndarray], pad: int = 2) -> np.ndarray:
+    """(H, W, 3) in [0, 1]: one row per example, one column per (n, h, w, 3) array in
+    [-1, 1], white gutters between tiles."""
+    n, h, w, _ = np.shape(columns[0])
+    grid = np.ones((n * (h + pad) + pad, len(columns) * (w + pad) + pad, 3), np.float32)
+    for j, column in enumerate(columns):
+        tiles = np.clip((np.asarray(column, np.float32) + 1.0) / 2.0, 0.0, 1.0)
+        for i in range(n):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            grid[y : y + h, x : x + w] = tiles[i]
+    return grid
+
+
+# ---------------------------------------------------------------------------------------
+# Assembly
+
+
+def vqgan_batches(run: VQGANRun, *, shuffle: bool = True, seed_offset: int = 0) -> Iterator:
+    """This host's stage-1 batches {"image": (B, S, S, 3) in [-1, 1]} (a grain iterator)."""
+    from dithead_jax.data import pipelines  # imports TFDS: only when records are read
+
+    if not run.data.dir:
+        raise ValueError("--config.data.dir must name stage-1 frame records")
+    dataset = pipelines.vqgan_dataset(
+        run.data.dir,
+        "train",
+        batch_size=run.train.global_batch_size // jax.process_count(),
+        seed=run.train.seed + seed_offset,
+        target=run.target,  # type: ignore[arg-type]
+        shuffle=shuffle,
+    )
+    return iter(dataset)
+
+
+def build_task(
+    config: Any,
+    *,
+    batches: Iterator[Mapping[str, np.ndarray]] | None = None,
+    preview_batch: Mapping[str, np.ndarray] | None = None,
+    devices: list | None = None,
+    compiler_options: dict[str, Any] | None = None,
+) -> loop.Task:
+    """Everything the loop needs for a VQGAN run. `batches` / `preview_batch` default to
+    the records in `config.data.dir` (tests may pass in-memory host batches instead);
+    `compiler_options` go to every jit (e.g. `dit_step.FAST_COMPILE_CPU` in tests)."""
+    run = VQGANRun.from_config(config)
+    options = dict(compiler_options) if compiler_options else None
+
+    # ---- Mesh --------------------------------------------------------------------------
+    mesh = sharding.make_mesh(run.mesh, devices)
+    rules = sharding.VQGAN_RULES
+    shards = sharding.batch_shards(rules, mesh)
+    if run.train.global_batch_size % (shards * jax.process_count()):
+        raise ValueError(f"global batch {run.train.global_batch_size} is not a multiple of the "
+                         f"{shards} batch shards x {jax.process_count()} processes")  # fmt: skip
+    logging.info("Mesh: %s", sharding.describe(mesh))
+
+    # ---- Input -------------------------------------------------------------------------
+    if batches is None:
+        batches = vqgan_batches(run)
+    if preview_batch is None and run.data.dir:
+        # A fixed, unshuffled batch: the preview shows the same frames at every step.
+        preview_batch = next(vqgan_batches(run, shuffle=False, seed_offset=1))
+    batch_sharding = sharding.batch_sharding(rules, mesh)
+
+    def to_global(host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        from dithead_jax.data.pipelines import make_global_batch
+
+        return make_global_batch({k: host_batch[k] for k in BATCH_KEYS}, batch_sharding)
+
+    # ---- Model and sharded state ---------------------------------------------------------
+    make_model = lambda rngs: VQGANTrainer(run.model, run.loss, rngs=rngs)
+    state, setup = create_train_state(
+        make_model,
+        make_optimizer(run),
+        seed=run.train.seed,
+        mesh=mesh,
+        rules=rules,
+        compiler_options=options,
+    )
+    logging.info("VQGAN + discriminator: %.2fM parameters; lr %.3g; target %s",
+                 count_params(state) / 1e6, run.learning_rate, run.target)  # fmt: skip
+
+    # ---- Frozen LPIPS --------------------------------------------------------------------
+    lpips_graphdef, lpips_state = None, {}
+    if run.use_lpips and run.loss.perceptual_weight:
+        from dithead_jax.convert.lpips_weights import load_lpips
+
+        lpips_graphdef, lpips_state = nnx.split(load_lpips())
+        lpips_state = jax.device_put(lpips_state, sharding.replicated(mesh))
+
+    # ---- Step ----------------------------------------------------------------------------
+    jitted = jax.jit(
+        make_train_step(setup, run, lpips_graphdef),
+        in_shardings=(setup.shardings, batch_sharding, sharding.replicated(mesh)),
+        out_shardings=(setup.shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+        compiler_options=options,
+    )
+
+    def train_step(state: Any, batch: Any) -> Any:
+        # Traced under the rules so that the models' activation constraints apply.
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+            return jitted(state, batch, lpips_state)
+
+    # ---- Preview -------------------------------------------------------------------------
+    preview = None
+    if preview_batch is not None:
+        fixed = to_global(preview_batch)
+        count = min(run.train.preview_count, run.train.global_batch_size)
+        preview_fn = jax.jit(
+            make_preview(setup, count),
+            in_shardings=(setup.shardings, batch_sharding),
+            out_shardings=sharding.replicated(mesh),
+            compiler_options=options,
+        )
+
+        def preview(state: Any) -> dict[str, np.ndarray]:
+            with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+                out = jax.device_get(preview_fn(state, fixed))
+            # Columns: original | reconstruction | reconstruction by the EMA weights.
+            grid = image_grid([out["original"], out["reconstruction"], out["ema"]])
+            return {"reconstructions": grid[None]}
+
+    return loop.Task(
+        state=state,
+        abstract_state=setup.abstract,
+        train_step=train_step,
+        batches=batches,
+        to_global=to_global,
+        examples_per_step=run.train.global_batch_size,
+        flops_per_step=None,  # no analytic count for the conv nets; MFU is not reported
+        preview=preview,
+        config=_config_dict(config),
+    )
+
+
+def train_vqgan(config: Any, workdir: str | os.PathLike, **task_kwargs: Any) -> loop.RunResult:
+    """Builds the task from `config` and runs the loop in `workdir` (resuming if possible)."""
+    run = VQGANRun.from_config(config)
+    task = build_task(config, **task_kwargs)
+    return loop.run(task, run.train, workdir)
+
+
+def load_model(workdir: str | os.PathLike, *, ema: bool = False, step: int | None = None) -> VQGAN:
+    """The VQGAN of the newest (or `step`'s) checkpoint in `workdir`, on one device.
+
+    The run config is read from the checkpoint itself. Plain weights by default: LDM's
+    VQGANs keep no EMA, and an averaged codebook blurs codes that were re-seeded as dead.
+    """
+    from dithead_jax.training.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(os.path.join(os.fspath(workdir), "checkpoints"))
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+        config = ckpt.restore_config(step)
+        if config is None:
+            raise FileNotFoundError(f"checkpoint {step} in {ckpt.directory} has no run config")
+        run = VQGANRun.from_config(config)
+        mesh = sharding.make_mesh("dp", jax.devices()[:1])
+        setup = abstract_train_state(
+            lambda rngs: VQGANTrainer(run.model, run.loss, rngs=rngs),
+            make_optimizer(run),
+            mesh=mesh,
+            rules=sharding.VQGAN_RULES,
+        )
+        state = ckpt.restore(step, setup.abstract)
+    finally:
+        ckpt.close()
+    trainer = nnx.merge(setup.graphdef, state.ema_params if ema else state.params)
+    return trainer.vqgan
