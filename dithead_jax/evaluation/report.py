@@ -91,7 +91,10 @@ def write_report(out_dir: str | Path, report: Mapping[str, Any]) -> tuple[Path, 
     ]
     if unavailable:
         lines += ["Unavailable metrics:", ""]
-        lines += [f"- {name.upper()}: {reason}" for name, reason in unavailable.items()]
+        lines += [
+            f"- {name.upper()}: {' '.join(str(reason).split())}"
+            for name, reason in unavailable.items()
+        ]
         lines.append("")
     sync = report.get("sync")
     if sync:

@@ -1,0 +1,139 @@
+"""Video generation with a trained system: encode conditions, DDIM-sample, decode.
+
+    models = load_models(dit_workdir)           # DiT + both VQGANs + latent statistics
+    faces = generate_faces(models, masked, audio, reference, steps=50, mode="x0_same_step")
+
+The chain of provenance: a DiT run's config names its stage-2 latents (`data.dir`); the
+latents' metadata (written by data/encode_latents.py) names the two VQGAN runs that made
+them, the stage-1 dataset, the audio features and the per-channel latent statistics the DiT
+was trained with. So a DiT workdir is all sample.py needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dithead_jax.diffusion.ddim import make_dit_sampler
+from dithead_jax.diffusion.schedule import make_schedule
+
+
+@dataclasses.dataclass
+class Models:
+    dit: nnx.Module
+    dit_run: Any  # training.dit_train.DiTRun
+    vqgan: nnx.Module  # E and D (frames)
+    vqgan_masked: nnx.Module  # E_m (masked frames)
+    latent_mean: np.ndarray  # (c,) the DiT sees (z - mean) / std
+    latent_std: np.ndarray
+    latents: dict[str, Any]  # stage-2 provenance (VQGAN runs, stage-1 dataset, its audio...)
+
+
+def _run_config(workdir: Path) -> Any:
+    """The newest checkpoint's run config (JSON) as an ml_collections ConfigDict."""
+    import ml_collections
+
+    from dithead_jax.training.checkpoint import Checkpointer
+
+    if not (workdir / "checkpoints").is_dir():  # the Checkpointer would create it
+        raise FileNotFoundError(f"{workdir}: no checkpoints folder (train.py writes it)")
+    ckpt = Checkpointer(workdir / "checkpoints")
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{workdir}: no checkpoint (train.py writes them)")
+        config = ckpt.restore_config(step)
+    finally:
+        ckpt.close()
+    return ml_collections.ConfigDict(config)
+
+
+def load_models(workdir: str | os.PathLike) -> Models:
+    """Everything generation needs, from a DiT run directory. Raises FileNotFoundError."""
+    from dithead_jax.data.records import dataset_metadata
+    from dithead_jax.training import dit_train, vqgan_train
+
+    workdir = Path(workdir)
+    config = _run_config(workdir)
+    latents = dict(dataset_metadata(config.data.dir).get("provenance") or {})
+    if "vqgan_workdir" not in latents:
+        raise FileNotFoundError(f"{config.data.dir}: not a latent dataset (no VQGAN recorded)")
+    stage1 = dataset_metadata(latents["stage1_dataset"])
+    latents["stage1_provenance"] = stage1.get("provenance") or {}
+    return Models(
+        dit=dit_train.load_model(workdir, config),
+        dit_run=dit_train.DiTRun.from_config(config),
+        vqgan=vqgan_train.load_model(latents["vqgan_workdir"]),
+        vqgan_masked=vqgan_train.load_model(latents["vqgan_masked_workdir"]),
+        latent_mean=np.asarray(latents["latent_mean"], np.float32),
+        latent_std=np.asarray(latents["latent_std"], np.float32),
+        latents=latents,
+    )
+
+
+def to_model_range(frames: np.ndarray) -> jax.Array:
+    return jnp.asarray(frames, jnp.float32) / 127.5 - 1.0
+
+
+def to_uint8(images: jax.Array) -> np.ndarray:
+    return np.asarray(jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8))
+
+
+def _batched(fn, x: jax.Array, batch: int) -> jax.Array:
+    return jnp.concatenate([fn(x[i : i + batch]) for i in range(0, len(x), batch)])
+
+
+def encode(vqgan: nnx.Module, frames: np.ndarray, batch: int = 16) -> jax.Array:
+    """uint8 (N, S, S, 3) -> pre-quantisation latents (N, h, w, c)."""
+    graphdef, state = nnx.split(vqgan)
+    run = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x))
+    return _batched(lambda x: run(state, x), to_model_range(frames), batch)
+
+
+def decode(vqgan: nnx.Module, latents: jax.Array, batch: int = 16) -> np.ndarray:
+    """latents (N, h, w, c) -> uint8 frames (N, S, S, 3); D quantises first."""
+    graphdef, state = nnx.split(vqgan)
+    run = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode(z))
+    return to_uint8(_batched(lambda z: run(state, z), latents, batch))
+
+
+def generate_faces(
+    models: Models,
+    masked_frames: np.ndarray,
+    audio: np.ndarray,
+    reference_frame: np.ndarray,
+    *,
+    steps: int = 50,
+    mode: str = "x0_same_step",
+    eta: float = 0.0,
+    seed: int = 0,
+) -> np.ndarray:
+    """Face crops (N, S, S, 3) uint8 for masked crops (N, S, S, 3), audio windows (N, W, D)
+    and one reference crop (S, S, 3) of the same person (frame 0's reference)."""
+    mean, std = jnp.asarray(models.latent_mean), jnp.asarray(models.latent_std)
+    masked = (encode(models.vqgan_masked, masked_frames) - mean) / std
+    reference = (encode(models.vqgan, reference_frame[None]) - mean) / std
+    sampler = make_dit_sampler(
+        models.dit,
+        make_schedule(models.dit_run.diffusion),
+        num_steps=steps,
+        eta=eta,
+        mode=mode,
+        prediction=models.dit_run.diffusion.prediction,
+    )
+    latents = sampler(
+        masked[None], jnp.asarray(audio, jnp.float32)[None], reference, jax.random.key(seed)
+    )[0]
+    return decode(models.vqgan, latents * std + mean)
+
+
+def describe(models: Models) -> str:
+    return json.dumps({k: v for k, v in models.latents.items() if "latent_" not in k})
