@@ -40,6 +40,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-frames", type=int)
     p.add_argument("--modes", default="x0_same_step", help="comma-separated reference modes")
     p.add_argument("--synthetic", help="data/synthetic.py folder: ground truth and speech")
+    p.add_argument("--weights", help="folder of metric weights (sets $DITHEAD_WEIGHTS)")
     p.add_argument("--metrics", default="lpips,fid,lse",
                    help="network metrics besides PSNR/SSIM ('' for none)")  # fmt: skip
     args = p.parse_args(argv)
@@ -123,6 +124,12 @@ def generate_video(args: argparse.Namespace, models) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.weights:  # the one documented place every weight lookup reads
+        import os
+
+        from dithead_jax.convert.weights import ENV_VAR
+
+        os.environ[ENV_VAR] = str(Path(args.weights).expanduser().resolve())
     from dithead_jax.sampling import load_models
 
     try:
