@@ -13,18 +13,13 @@ field on the command line with `--config.<field>=...`, e.g.
 optimizer state and EMA (`model.param_dtype` stays float32).
 """
 
-import dataclasses
-
 import ml_collections
 
 from dithead_jax import config as cfg
 
 
 def _section(instance) -> ml_collections.ConfigDict:
-    values = {
-        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(instance).items()
-    }
-    return ml_collections.ConfigDict(values)
+    return ml_collections.ConfigDict(cfg.to_dict(instance))
 
 
 def get_config(arg: str = "L_2") -> ml_collections.ConfigDict:

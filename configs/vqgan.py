@@ -17,18 +17,13 @@ The learning rate is LDM's: loss.base_learning_rate x train.global_batch_size (t
 `train.learning_rate` field is unused by this stage).
 """
 
-import dataclasses
-
 import ml_collections
 
 from dithead_jax import config as cfg
 
 
 def _section(instance) -> ml_collections.ConfigDict:
-    values = {
-        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(instance).items()
-    }
-    return ml_collections.ConfigDict(values)
+    return ml_collections.ConfigDict(cfg.to_dict(instance))
 
 
 def get_config(arg: str = "f4_16384") -> ml_collections.ConfigDict:

@@ -49,6 +49,13 @@ def from_dict(cls: type[T], values: dict[str, Any] | Any) -> T:
     return cls(**kwargs)
 
 
+def to_dict(instance: Any) -> dict[str, Any]:
+    """A config dataclass as plain values (tuples as lists), for ml_collections run configs."""
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(instance).items()
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """What a frame, its mask and its audio window look like, and where the records are."""

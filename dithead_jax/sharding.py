@@ -259,3 +259,17 @@ def describe(mesh: Mesh) -> str:
     """ "data=2 fsdp=4 tensor=1 (8 devices, 1 process)" for logs."""
     axes = " ".join(f"{a}={mesh.shape[a]}" for a in mesh.axis_names)
     return f"{axes} ({mesh.size} devices, {jax.process_count()} process(es))"
+
+
+def training_mesh(
+    config: MeshConfig, rules: Rules, global_batch_size: int, devices: Sequence[Any] | None = None
+) -> tuple[Mesh, NamedSharding]:
+    """A run's mesh and batch sharding; the global batch must split evenly over both the
+    batch shards and the processes (each host feeds an equal slice)."""
+    mesh = make_mesh(config, devices)
+    shards = batch_shards(rules, mesh)
+    if global_batch_size % (shards * jax.process_count()):
+        raise ValueError(f"global batch {global_batch_size} is not a multiple of the "
+                         f"{shards} batch shards x {jax.process_count()} processes")  # fmt: skip
+    logging.info("Mesh: %s", describe(mesh))
+    return mesh, batch_sharding(rules, mesh)

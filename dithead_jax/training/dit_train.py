@@ -50,10 +50,6 @@ class DiTRun:
         )
 
 
-def _config_dict(config: Any) -> dict[str, Any]:
-    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
-
-
 def _check_batch(batch: Mapping[str, np.ndarray], model: cfg.DiTConfig) -> None:
     latent = (model.input_size, model.input_size, model.latent_channels)
     want = {k: latent for k in ("latent", "masked_latent", "reference_latent")}
@@ -100,13 +96,10 @@ def build_task(
     run = DiTRun.from_config(config)
 
     # ---- Mesh --------------------------------------------------------------------------
-    mesh = sharding.make_mesh(run.mesh, devices)
     rules = sharding.DIT_RULES
-    shards = sharding.batch_shards(rules, mesh)
-    if run.train.global_batch_size % (shards * jax.process_count()):
-        raise ValueError(f"global batch {run.train.global_batch_size} is not a multiple of the "
-                         f"{shards} batch shards x {jax.process_count()} processes")  # fmt: skip
-    logging.info("Mesh: %s", sharding.describe(mesh))
+    mesh, batch_sharding = sharding.training_mesh(
+        run.mesh, rules, run.train.global_batch_size, devices
+    )
 
     # ---- Input -------------------------------------------------------------------------
     if batches is None:
@@ -114,13 +107,8 @@ def build_task(
     if preview_batch is None and run.data.dir:
         # A fixed, unshuffled batch: the preview shows the same examples at every step.
         preview_batch = next(dit_batches(run, shuffle=False, seed_offset=1))
-    batch_sharding = sharding.batch_sharding(rules, mesh)
 
-    def to_global(host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        from dithead_jax.data.pipelines import make_global_batch
-
-        host_batch = {k: host_batch[k] for k in dit_step.BATCH_KEYS}
-        return make_global_batch(host_batch, batch_sharding)
+    to_global = loop.global_batcher(dit_step.BATCH_KEYS, batch_sharding)
 
     # ---- Model and sharded state ---------------------------------------------------------
     tx = make_optimizer(run.train)
@@ -170,7 +158,7 @@ def build_task(
         examples_per_step=run.train.global_batch_size,
         flops_per_step=dit_step.dit_train_flops(run.model, run.train.global_batch_size),
         preview=preview,
-        config=_config_dict(config),
+        config=loop.config_dict(config),
     )
 
 

@@ -42,6 +42,24 @@ from dithead_jax.training import metrics as metrics_lib
 from dithead_jax.training.checkpoint import Checkpointer
 
 
+def config_dict(config: Any) -> dict[str, Any]:
+    """A run config (ConfigDict or mapping) as the plain dict saved with checkpoints."""
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def global_batcher(
+    keys: tuple[str, ...], batch_sharding: Any
+) -> Callable[[Mapping[str, np.ndarray]], dict[str, jax.Array]]:
+    """host batch -> global `jax.Array`s of `keys` (the stage's model inputs) on the mesh."""
+
+    def to_global(host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        from dithead_jax.data.pipelines import make_global_batch
+
+        return make_global_batch({k: host_batch[k] for k in keys}, batch_sharding)
+
+    return to_global
+
+
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN/inf loss or gradient; the message names the good checkpoint."""
 

@@ -100,10 +100,6 @@ class VQGANRun:
         return self.loss.learning_rate(self.train.global_batch_size)
 
 
-def _config_dict(config: Any) -> dict[str, Any]:
-    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
-
-
 # ---------------------------------------------------------------------------------------
 # The trained modules and the step
 
@@ -260,13 +256,10 @@ def build_task(
     options = dict(compiler_options) if compiler_options else None
 
     # ---- Mesh --------------------------------------------------------------------------
-    mesh = sharding.make_mesh(run.mesh, devices)
     rules = sharding.VQGAN_RULES
-    shards = sharding.batch_shards(rules, mesh)
-    if run.train.global_batch_size % (shards * jax.process_count()):
-        raise ValueError(f"global batch {run.train.global_batch_size} is not a multiple of the "
-                         f"{shards} batch shards x {jax.process_count()} processes")  # fmt: skip
-    logging.info("Mesh: %s", sharding.describe(mesh))
+    mesh, batch_sharding = sharding.training_mesh(
+        run.mesh, rules, run.train.global_batch_size, devices
+    )
 
     # ---- Input -------------------------------------------------------------------------
     if batches is None:
@@ -274,12 +267,8 @@ def build_task(
     if preview_batch is None and run.data.dir:
         # A fixed, unshuffled batch: the preview shows the same frames at every step.
         preview_batch = next(vqgan_batches(run, shuffle=False, seed_offset=1))
-    batch_sharding = sharding.batch_sharding(rules, mesh)
 
-    def to_global(host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        from dithead_jax.data.pipelines import make_global_batch
-
-        return make_global_batch({k: host_batch[k] for k in BATCH_KEYS}, batch_sharding)
+    to_global = loop.global_batcher(BATCH_KEYS, batch_sharding)
 
     # ---- Model and sharded state ---------------------------------------------------------
     make_model = lambda rngs: VQGANTrainer(run.model, run.loss, rngs=rngs)
@@ -344,7 +333,7 @@ def build_task(
         examples_per_step=run.train.global_batch_size,
         flops_per_step=None,  # no analytic count for the conv nets; MFU is not reported
         preview=preview,
-        config=_config_dict(config),
+        config=loop.config_dict(config),
     )
 
 
