@@ -35,6 +35,7 @@ class Models:
     latent_mean: np.ndarray  # (c,) the DiT sees (z - mean) / std
     latent_std: np.ndarray
     latents: dict[str, Any]  # stage-2 provenance (VQGAN runs, stage-1 dataset, its audio...)
+    compiled: dict[tuple, Any] = dataclasses.field(default_factory=dict)
 
 
 def _run_config(workdir: Path) -> Any:
@@ -79,30 +80,24 @@ def load_models(workdir: str | os.PathLike) -> Models:
     )
 
 
-def to_model_range(frames: np.ndarray) -> jax.Array:
-    return jnp.asarray(frames, jnp.float32) / 127.5 - 1.0
-
-
-def to_uint8(images: jax.Array) -> np.ndarray:
-    return np.asarray(jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8))
-
-
-def _batched(fn, x: jax.Array, batch: int) -> jax.Array:
-    return jnp.concatenate([fn(x[i : i + batch]) for i in range(0, len(x), batch)])
-
-
-def encode(vqgan: nnx.Module, frames: np.ndarray, batch: int = 16) -> jax.Array:
-    """uint8 (N, S, S, 3) -> pre-quantisation latents (N, h, w, c)."""
+def _decoder(vqgan: nnx.Module):
+    """A jitted D: latents (N, h, w, c) -> uint8 frames (N, S, S, 3); D quantises first."""
     graphdef, state = nnx.split(vqgan)
-    run = jax.jit(lambda s, x: nnx.merge(graphdef, s).encode(x))
-    return _batched(lambda x: run(state, x), to_model_range(frames), batch)
+
+    @jax.jit
+    def run(state, z):
+        images = nnx.merge(graphdef, state).decode(z)
+        return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+    return lambda z: np.asarray(run(state, z))
 
 
-def decode(vqgan: nnx.Module, latents: jax.Array, batch: int = 16) -> np.ndarray:
-    """latents (N, h, w, c) -> uint8 frames (N, S, S, 3); D quantises first."""
-    graphdef, state = nnx.split(vqgan)
-    run = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode(z))
-    return to_uint8(_batched(lambda z: run(state, z), latents, batch))
+def _cached(models: Models, key: tuple, build):
+    """Compiled pieces live as long as the loaded run: an evaluation over many clips (and
+    its shuffled-audio control) must not re-trace the VQGANs and the sampler per clip."""
+    if key not in models.compiled:
+        models.compiled[key] = build()
+    return models.compiled[key]
 
 
 def generate_faces(
@@ -118,21 +113,33 @@ def generate_faces(
 ) -> np.ndarray:
     """Face crops (N, S, S, 3) uint8 for masked crops (N, S, S, 3), audio windows (N, W, D)
     and one reference crop (S, S, 3) of the same person (frame 0's reference)."""
-    mean, std = jnp.asarray(models.latent_mean), jnp.asarray(models.latent_std)
-    masked = (encode(models.vqgan_masked, masked_frames) - mean) / std
-    reference = (encode(models.vqgan, reference_frame[None]) - mean) / std
-    sampler = make_dit_sampler(
-        models.dit,
-        make_schedule(models.dit_run.diffusion),
-        num_steps=steps,
-        eta=eta,
-        mode=mode,
-        prediction=models.dit_run.diffusion.prediction,
+    from dithead_jax.data.latents import make_encoder
+
+    encode = _cached(models, ("encode",), lambda: make_encoder(models.vqgan))
+    encode_masked = _cached(models, ("encode_masked",), lambda: make_encoder(models.vqgan_masked))
+    decode = _cached(models, ("decode",), lambda: _decoder(models.vqgan))
+    sampler = _cached(
+        models,
+        ("sample", steps, mode, eta),
+        lambda: make_dit_sampler(
+            models.dit,
+            make_schedule(models.dit_run.diffusion),
+            num_steps=steps,
+            eta=eta,
+            mode=mode,
+            prediction=models.dit_run.diffusion.prediction,
+        ),
     )
+    mean, std = models.latent_mean, models.latent_std
+    masked = (encode_masked(masked_frames) - mean) / std
+    reference = (encode(reference_frame[None]) - mean) / std
     latents = sampler(
-        masked[None], jnp.asarray(audio, jnp.float32)[None], reference, jax.random.key(seed)
+        jnp.asarray(masked)[None],
+        jnp.asarray(audio, jnp.float32)[None],
+        jnp.asarray(reference),
+        jax.random.key(seed),
     )[0]
-    return decode(models.vqgan, latents * std + mean)
+    return decode(np.asarray(latents) * std + mean)
 
 
 def describe(models: Models) -> str:
