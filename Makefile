@@ -25,8 +25,7 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt
 	touch $@
 
 demo: setup
-	$(PY) data/synthetic.py --out $(DEMO)/synthetic --identities 4 --clips 2 --seconds 4 --seed 0 --workers $(JOBS)
-	$(PY) -m dithead_jax.data.preview --dataset $(DEMO)/synthetic --out $(DEMO)
+	$(PY) demo.py --out $(DEMO) --workers $(JOBS)
 
 test: setup
 	$(PY) -m pytest -q -n $(JOBS) --dist loadfile

@@ -9,6 +9,8 @@ as in configs/dit.py (a preset `dp` / `fsdp` / `fsdp_tp`, or `data=2,fsdp=-1`). 
                E_m, trained as a whole VQGAN on masked frames (its decoder is discarded)
     use_lpips  load the pretrained LPIPS-VGG16 for the perceptual term; False requires
                loss.perceptual_weight == 0 (tests, where VGG's backward dominates compile)
+    crop       0: whole frames; N: random N x N windows (LDM trains its autoencoders on
+               crops; a step costs (N / image_size)^2 as much)
 
     python train.py --config configs/vqgan.py:f4_16384 --workdir W --config.data.dir=FRAMES \
         [--config.target=masked] [--config.loss.disc_start=50001]
@@ -32,6 +34,7 @@ def get_config(arg: str = "f4_16384") -> ml_collections.ConfigDict:
     config.stage = "vqgan"
     config.target = "frames"
     config.use_lpips = True
+    config.crop = 0  # > 0: train on random crop x crop windows (multiple of the factor)
     if arg == "testing":
         # 32^2 frames -> 8x8x3 latents; seconds of CPU per step on 8 simulated devices.
         model = cfg.VQGANConfig.testing()
@@ -54,26 +57,33 @@ def get_config(arg: str = "f4_16384") -> ml_collections.ConfigDict:
         data = cfg.DataConfig(image_size=32)
         config.use_lpips = False
     elif arg == "demo":
-        # The CPU demo: 64^2 face crops, f=4 -> 16x16x3 latents, a few hundred steps.
+        # The CPU demo (demo.py): 64^2 face crops, f=4 -> 16x16x3 latents. Sized for its
+        # 15-minute budget on two cores, where a step costs ~0.5 s: a few hundred steps of
+        # L1 + codebook terms at lr 1e-3. The adversarial and LPIPS terms stay off (the
+        # discriminator would start after the run ends; LPIPS-VGG's backward pass would
+        # cost 2.5x the step), and dead codes are re-seeded after 10 idle steps.
         model = cfg.VQGANConfig.testing(
-            ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, resolution=64, codebook_size=1024
+            ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, resolution=64, codebook_size=1024
         )
         loss = cfg.VQGANLossConfig(
-            disc_start=250,
+            perceptual_weight=0.0,
+            disc_start=10**9,
             disc_channels=32,
-            base_learning_rate=1.25e-5,  # x batch 16 = 2e-4: fast enough for 400 steps
-            dead_code_steps=50,
+            base_learning_rate=1.25e-4,  # x batch 8 = 1e-3
+            dead_code_steps=10,
         )
         train = cfg.TrainConfig(
-            global_batch_size=16,
-            num_steps=400,
+            global_batch_size=8,
+            num_steps=300,
             ema_decay=0.99,
-            log_every=20,
+            ema_warmup=True,
+            log_every=25,
             image_every=100,
             checkpoint_every=100,
             preview_count=8,
         )
         data = cfg.DataConfig(image_size=64)
+        config.use_lpips = False
     elif arg == "f4_16384":
         # The paper's VQGAN (CompVis vq-f4 layout) at 256^2. DESIGN.md does not fix the
         # batch; 64 gives LDM's batch-scaled lr 4.5e-6 x 64 = 2.9e-4. disc_start as in

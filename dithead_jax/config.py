@@ -50,10 +50,10 @@ def from_dict(cls: type[T], values: dict[str, Any] | Any) -> T:
 
 
 def to_dict(instance: Any) -> dict[str, Any]:
-    """A config dataclass as plain values (tuples as lists), for ml_collections run configs."""
-    return {
-        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(instance).items()
-    }
+    """A config dataclass's fields, for ml_collections run configs. Tuples stay tuples:
+    ml_collections overrides those from the command line (`--config.model.ch_mult='(1,2)'`)
+    but not lists; JSON turns them into lists, which `from_dict` reads back."""
+    return {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +201,8 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip_norm: float | None = None
     ema_decay: float = 0.9999
+    # min(ema_decay, (1 + t) / (10 + t)) at update t (LDM's LitEma): for short runs.
+    ema_warmup: bool = False
     log_every: int = 100
     image_every: int = 5_000
     checkpoint_every: int = 5_000

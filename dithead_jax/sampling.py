@@ -100,6 +100,14 @@ def _cached(models: Models, key: tuple, build):
     return models.compiled[key]
 
 
+def _frame_codec(models: Models):
+    """The frame VQGAN's compiled (E, D), built once per loaded run."""
+    from dithead_jax.data.latents import make_encoder
+
+    encode = _cached(models, ("encode",), lambda: make_encoder(models.vqgan))
+    return encode, _cached(models, ("decode",), lambda: _decoder(models.vqgan))
+
+
 def generate_faces(
     models: Models,
     masked_frames: np.ndarray,
@@ -115,9 +123,8 @@ def generate_faces(
     and one reference crop (S, S, 3) of the same person (frame 0's reference)."""
     from dithead_jax.data.latents import make_encoder
 
-    encode = _cached(models, ("encode",), lambda: make_encoder(models.vqgan))
+    encode, decode = _frame_codec(models)
     encode_masked = _cached(models, ("encode_masked",), lambda: make_encoder(models.vqgan_masked))
-    decode = _cached(models, ("decode",), lambda: _decoder(models.vqgan))
     sampler = _cached(
         models,
         ("sample", steps, mode, eta),
@@ -140,6 +147,12 @@ def generate_faces(
         jax.random.key(seed),
     )[0]
     return decode(np.asarray(latents) * std + mean)
+
+
+def reconstruct_faces(models: Models, frames: np.ndarray) -> np.ndarray:
+    """D(E(frames)): the frame VQGAN's round trip, the best any DiT sample can look."""
+    encode, decode = _frame_codec(models)
+    return decode(encode(frames))
 
 
 def describe(models: Models) -> str:

@@ -69,7 +69,10 @@ def test_videos_to_report_and_mp4(tmp_path):
     result = json.loads((report / "report.json").read_text())
     assert result["metrics"]["psnr"] > 0 and 0 < result["metrics"]["ssim"] <= 1
     assert "syncnet_v2.model" in result["unavailable"]["lse_c"]
-    assert set(result["sync"]) == {"correlation", "control_correlation", "expert_calibration"}
+    assert set(result["sync"]) == {
+        "correlation", "control_correlation", "expert_calibration", "vqgan_ceiling"
+    }  # fmt: skip
+    assert result["clips"][0]["flicker"] > 0
     assert "DiT-Head (paper, HDTF)" in (report / "report.md").read_text()
     assert len(list(report.glob("*.mp4"))) == 1
     # A video driven by another clip's (longer) audio: looped, and exactly that long.

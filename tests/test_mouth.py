@@ -39,3 +39,21 @@ def test_expert_reads_held_out_identities(crops, tmp_path):
 def test_sync_correlation_of_constant_signals_is_zero():
     assert sync_correlation(np.ones(5), np.arange(5)) == 0.0
     assert sync_correlation(np.arange(5), np.arange(5) * 2.0) == pytest.approx(1.0)
+
+
+def test_flicker_is_one_for_the_real_video_and_grows_with_frame_noise():
+    from dithead_jax.evaluation.evaluate import flicker
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(100, 127, 10)[:, None, None, None]
+    real = np.broadcast_to(ramp, (10, 8, 8, 3)).astype(np.uint8)
+    mask = np.zeros((10, 8, 8), np.uint8)
+    mask[:, 4:] = 255
+    assert flicker(real, real, mask) == pytest.approx(1.0)
+    assert flicker(real, np.repeat(real[:1], 10, 0), mask) == 0.0
+    noisy = np.clip(real + rng.integers(-20, 21, real.shape), 0, 255).astype(np.uint8)
+    assert flicker(real, noisy, mask) > 2
+    # Only the masked half counts: noise above the mask is not flicker of the mouth.
+    upper = real.copy()
+    upper[:, :4] = noisy[:, :4]
+    assert flicker(real, upper, mask) == pytest.approx(1.0)

@@ -128,6 +128,25 @@ def test_vqgan_batches(stage1_dir):
         assert sum(same) + sum(mirrored) == 1
         flipped += sum(mirrored)
     assert 0 < flipped < 16
+    # Random crops: windows of the frames, at varying places.
+    crop = S // 2
+    ds = pipelines.vqgan_dataset(
+        stage1_dir, batch_size=4, crop=crop, random_flip=False, shuffle=False,
+        num_epochs=1, shard_index=0, shard_count=1,
+    )  # fmt: skip
+    images = np.concatenate([b["image"] for b in take(ds, 4)])
+    assert images.shape == (16, crop, crop, 3)
+    places = set()
+    for image, original in zip(images, originals, strict=True):
+        windows = [(y, x) for y in range(S - crop + 1) for x in range(S - crop + 1)]
+        found = [
+            (y, x)
+            for y, x in windows
+            if np.allclose(image, original[y : y + crop, x : x + crop], atol=1e-6)
+        ]
+        assert found
+        places.add(found[0])
+    assert len(places) > 4
 
 
 def test_choose_reference_rules():

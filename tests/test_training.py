@@ -160,3 +160,19 @@ def test_output_depends_on_audio_after_a_few_steps(setup, uninterrupted):
     assert float(change) == 0.0  # zero-initialised cross-attention output: audio is ignored
     change, scale = audio_effect(trained_params)
     assert float(change) > 1e-5 * float(scale), (float(change), float(scale))
+
+
+def test_ema_warmup_follows_a_short_run_and_caps_at_the_decay():
+    from dithead_jax.training.state import ema_decay_at, ema_update
+
+    plain, warm = TrainConfig(ema_decay=0.99), TrainConfig(ema_decay=0.99, ema_warmup=True)
+    assert ema_decay_at(5, plain) == 0.99
+    np.testing.assert_allclose(ema_decay_at(0, warm), 0.1)
+    np.testing.assert_allclose(ema_decay_at(10**6, warm), 0.99)
+    # 100 updates towards a constant target from 0: warm-up keeps next to nothing of the
+    # start (9! 100! / 109! ~ 1e-13), a plain 0.99 average still 37%.
+    for config, left in ((plain, 0.99**100), (warm, 0.0)):
+        ema = {"w": np.zeros(3, np.float32)}
+        for step in range(100):
+            ema = ema_update(ema, {"w": np.ones(3, np.float32)}, ema_decay_at(step, config))
+        assert float(1 - ema["w"][0]) == pytest.approx(left, rel=1e-3, abs=1e-6)

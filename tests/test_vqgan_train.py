@@ -55,10 +55,15 @@ def test_configs_parse():
         assert run.model.resolution == run.data.image_size
         assert run.target == "frames"
     demo = vqgan_train.VQGANRun.from_config(vqgan_configs.get_config("demo"))
-    assert demo.model.resolution // demo.model.downsample_factor == 16 and demo.use_lpips
+    assert demo.model.resolution // demo.model.downsample_factor == 16 and not demo.use_lpips
+    assert vqgan_train.VQGANRun.from_config(vqgan_configs.get_config("f4_16384")).use_lpips
     bad = vqgan_configs.get_config("testing")
     bad.loss.perceptual_weight = 1.0
     with pytest.raises(ValueError, match="use_lpips"):
+        vqgan_train.VQGANRun.from_config(bad)
+    bad = vqgan_configs.get_config("testing")
+    bad.crop = 30  # not a multiple of f = 4
+    with pytest.raises(ValueError, match="crop 30"):
         vqgan_train.VQGANRun.from_config(bad)
 
 

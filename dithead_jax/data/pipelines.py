@@ -120,13 +120,19 @@ def _order(
 
 
 class _ImageExample(grain.transforms.RandomMap):
-    """record -> {"image": float32 (S, S, 3) in [-1, 1]}, optionally mirrored."""
+    """record -> {"image": float32 (S, S, 3) in [-1, 1]}, optionally mirrored, or a random
+    (crop, crop) window of it."""
 
-    def __init__(self, key: str, random_flip: bool):
-        self.key, self.random_flip = key, random_flip
+    def __init__(self, key: str, random_flip: bool, crop: int = 0):
+        self.key, self.random_flip, self.crop = key, random_flip, crop
 
     def random_map(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict:
         image = np.asarray(record[self.key], np.float32) / 127.5 - 1.0
+        if self.crop:
+            if self.crop > min(image.shape[:2]):
+                raise ValueError(f"crop {self.crop} is larger than the {image.shape[0]}px frames")
+            y, x = (int(rng.integers(n - self.crop + 1)) for n in image.shape[:2])
+            image = image[y : y + self.crop, x : x + self.crop]
         # Faces are left-right symmetric enough; the mask hull and audio do not care.
         if self.random_flip and rng.random() < 0.5:
             image = image[:, ::-1]
@@ -141,6 +147,7 @@ def vqgan_dataset(
     seed: int = 0,
     target: Target = "frames",
     random_flip: bool = True,
+    crop: int = 0,
     shuffle: bool = True,
     num_epochs: int | None = None,
     drop_remainder: bool = True,
@@ -154,6 +161,7 @@ def vqgan_dataset(
     """Stage-1 batches {"image": float32 (batch_size, S, S, 3) in [-1, 1]} (NHWC).
 
     target: "frames" (ground-truth VQGAN E/D) or "masked" (masked-frame encoder E_m).
+    crop: train on random (crop, crop) windows instead of whole frames (0 = whole).
     batch_size is per host. num_epochs=None repeats forever. shard_index/shard_count
     default to jax.process_index()/process_count().
     """
@@ -164,7 +172,7 @@ def vqgan_dataset(
     # Undecoded bytes for what this stage never looks at: saves a JPEG decode per sample.
     source, _ = records_lib.open_dataset(data_dir, split, skip_decoding=(other, "mask"))
     ds = _order(grain.MapDataset.source(source), seed, shuffle, shard_index, shard_count)
-    ds = ds.random_map(_ImageExample(key, random_flip))
+    ds = ds.random_map(_ImageExample(key, random_flip, crop))
     return _finish(
         ds,
         batch_size=batch_size,

@@ -522,7 +522,10 @@ def open_dataset(
     saves the decode. Text features come back as `bytes`. The source is picklable (Grain
     worker processes re-open it).
     """
-    builder = tfds.builder_from_directory(os.fspath(_dataset_path(path)))
+    directory = _dataset_path(path)
+    if not (directory / "dataset_info.json").is_file():
+        raise FileNotFoundError(f"{path}: not a dataset (no dataset_info.json)")
+    builder = tfds.builder_from_directory(os.fspath(directory))
     decoders = {k: tfds.decode.SkipDecoding() for k in skip_decoding}
     source = builder.as_data_source(split, decoders=decoders or None)
     return source, builder.info.features

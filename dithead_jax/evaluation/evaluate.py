@@ -11,6 +11,7 @@ shuffled-audio control, measured by an expert fitted on the training identities.
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ class Clip:
     identity: str
     frames: np.ndarray  # (T, S, S, 3) uint8 ground-truth crops
     masked: np.ndarray
+    mask: np.ndarray  # (T, S, S) uint8, the blended lower-face alpha x 255
     landmarks: np.ndarray  # (T, 68, 2) crop pixels
     audio: np.ndarray  # (T, W, D)
     frame_index: np.ndarray  # (T,) source frames
@@ -61,10 +63,25 @@ def read_clips(stage1: Path, split: str, max_clips: int | None, max_frames: int 
             identity=str(index["identity"][k]),
             frames=np.stack([r["frame"] for r in records]),
             masked=np.stack([r["masked_frame"] for r in records]),
+            mask=np.stack([r["mask"] for r in records]),
             landmarks=np.stack([r["landmarks"] for r in records]),
             audio=np.stack([r["audio"] for r in records]),
             frame_index=np.array([r["frame_index"] for r in records]),
         )
+
+
+def flicker(real: np.ndarray, fake: np.ndarray, mask: np.ndarray) -> float:
+    """Frame-to-frame change inside the lower-face mask, generated over real (1 = as
+    smooth as the real video, above 1 = flicker). (T, S, S, 3) uint8 x2, (T, S, S) uint8."""
+    if len(real) < 2:
+        return float("nan")
+    weight = mask[1:, ..., None].astype(np.float64) / 255
+
+    def change(frames: np.ndarray) -> float:
+        step = np.abs(np.diff(frames.astype(np.float64), axis=0))
+        return float((step * weight).sum() / max(weight.sum() * 3, 1e-9))
+
+    return change(fake) / max(change(real), 1e-9)
 
 
 def _truth(synthetic: Path, clip: Clip) -> dict[str, np.ndarray]:
@@ -103,12 +120,12 @@ def evaluate(models: Any, stage1: Path, out_dir: Path, options: EvalOptions) -> 
     from dithead_jax.evaluation import fid as fid_lib
     from dithead_jax.evaluation.image_metrics import psnr, ssim
     from dithead_jax.evaluation.sync import SyncScorer
-    from dithead_jax.sampling import generate_faces
+    from dithead_jax.sampling import generate_faces, reconstruct_faces
 
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(options.seed)
     lpips, lpips_missing = _lpips_scorer() if "lpips" in options.metrics else (None, "not asked")
-    expert = calibration = None
+    expert = calibration = ceiling = None
     if options.synthetic is not None:
         expert = fit_mouth_expert(stage1, options.synthetic)
     clips = list(read_clips(stage1, options.split, options.max_clips, options.max_frames))
@@ -116,35 +133,42 @@ def evaluate(models: Any, stage1: Path, out_dir: Path, options: EvalOptions) -> 
         raise ValueError(f"{stage1}: no clips in split {options.split!r}")
     per_mode: dict[str, dict[str, Any]] = {}
     rows, real_frames, fake_frames, sync_inputs = [], [], [], []
+    # One reference frame and one audio shuffle per clip, shared by every mode compared.
+    references = [c.frames[rng.integers(len(c.frames))] for c in clips]
+    shuffles = [rng.permutation(len(c.audio)) for c in clips]
+    truth_of = {}
+    if expert is not None:
+        truth_of = {c.video_id: _truth(options.synthetic, c)["mouth_open"] for c in clips}
     for mode in options.modes:
-        measured_all, truth_all, control_all = [], [], []
+        measured_all, control_all, flickers, seconds = [], [], [], []
         psnrs, ssims, lpipss = [], [], []
-        for clip in tqdm(clips, desc=f"clips ({mode})", unit="clip"):
-            reference = clip.frames[rng.integers(len(clip.frames))]
+        for k, clip in enumerate(tqdm(clips, desc=f"clips ({mode})", unit="clip")):
+            reference = references[k]
+            started = time.perf_counter()
             fake = generate_faces(
                 models, clip.masked, clip.audio, reference,
                 steps=options.steps, mode=mode, seed=options.seed,
             )  # fmt: skip
-            p = np.asarray(psnr(clip.frames, fake)).mean()
-            s = np.asarray(ssim(clip.frames, fake)).mean()
+            seconds.append((time.perf_counter() - started) / len(fake))
+            p = float(np.asarray(psnr(clip.frames, fake)).mean())
+            s = float(np.asarray(ssim(clip.frames, fake)).mean())
             row = {"video": clip.video_id, "mode": mode, "frames": len(fake), "psnr": p, "ssim": s}
             psnrs.append(p)
             ssims.append(s)
+            flickers.append(flicker(clip.frames, fake, clip.mask))
+            row["flicker"] = flickers[-1]
             if lpips is not None:
                 row["lpips"] = float(lpips(clip.frames, fake).mean())
                 lpipss.append(row["lpips"])
             if expert is not None:
-                truth = _truth(options.synthetic, clip)["mouth_open"]
-                shuffled = clip.audio[rng.permutation(len(clip.audio))]
+                shuffled = clip.audio[shuffles[k]]
                 control = generate_faces(
                     models, clip.masked, shuffled, reference,
                     steps=options.steps, mode=mode, seed=options.seed,
                 )  # fmt: skip
-                measured = expert.predict(fake, clip.landmarks)
-                measured_all.append(measured)
+                measured_all.append(expert.predict(fake, clip.landmarks))
                 control_all.append(expert.predict(control, clip.landmarks))
-                truth_all.append(truth)
-                row["sync"] = sync_correlation(measured, truth)
+                row["sync"] = sync_correlation(measured_all[-1], truth_of[clip.video_id])
             rows.append(row)
             if mode == options.modes[0]:
                 real_frames.append(clip.frames)
@@ -155,16 +179,22 @@ def evaluate(models: Any, stage1: Path, out_dir: Path, options: EvalOptions) -> 
         summary = {"psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims))}
         if lpipss:
             summary["lpips"] = float(np.mean(lpipss))
-        if truth_all:
-            truth = np.concatenate(truth_all)
+        if measured_all:
+            truth = np.concatenate([truth_of[c.video_id] for c in clips])
             summary["sync"] = sync_correlation(np.concatenate(measured_all), truth)
             summary["sync_control"] = sync_correlation(np.concatenate(control_all), truth)
-            held_out = [
-                expert.predict(c.frames, c.landmarks) for c, _ in sync_inputs
-            ] if mode == options.modes[0] else []  # fmt: skip
-            if held_out:
-                calibration = sync_correlation(np.concatenate(held_out), truth)
+        summary["flicker"] = float(np.nanmean(flickers))
+        # The first clip's time includes compiling this mode's sampler.
+        summary["s_per_frame"] = float(np.median(seconds))
         per_mode[mode] = summary
+    if expert is not None:
+        # What a perfect DiT could reach: the expert on real frames (calibration) and on
+        # real frames passed through the frame VQGAN (the decoder's ceiling).
+        truth = np.concatenate([truth_of[c.video_id] for c in clips])
+        real = [expert.predict(c.frames, c.landmarks) for c in clips]
+        calibration = sync_correlation(np.concatenate(real), truth)
+        rebuilt = [expert.predict(reconstruct_faces(models, c.frames), c.landmarks) for c in clips]
+        ceiling = sync_correlation(np.concatenate(rebuilt), truth)
 
     first = per_mode[options.modes[0]]
     metrics = {"psnr": first["psnr"], "ssim": first["ssim"], "lpips": first.get("lpips")}
@@ -211,6 +241,7 @@ def evaluate(models: Any, stage1: Path, out_dir: Path, options: EvalOptions) -> 
             "correlation": first["sync"],
             "control_correlation": first["sync_control"],
             "expert_calibration": calibration,
+            "vqgan_ceiling": ceiling,
         }
     write_report(out_dir, report)
     return report

@@ -106,10 +106,17 @@ def write_report(out_dir: str | Path, report: Mapping[str, Any]) -> tuple[Path, 
                 [
                     ["correlation: measured vs true opening", sync.get("correlation")],
                     [
-                        "control: same frames vs shuffled-audio truth",
+                        "control: generated from shuffled audio, vs true opening",
                         sync.get("control_correlation"),
-                    ],  # noqa: E501
-                    ["expert calibration on real held-out frames", sync.get("expert_calibration")],  # noqa: E501
+                    ],
+                    [
+                        "expert on real held-out frames (calibration)",
+                        sync.get("expert_calibration"),
+                    ],
+                    [
+                        "expert on VQGAN round-trips (the decoder's ceiling)",
+                        sync.get("vqgan_ceiling"),
+                    ],
                 ],
             ),
             "",

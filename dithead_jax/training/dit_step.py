@@ -28,7 +28,13 @@ from jax.sharding import NamedSharding
 from dithead_jax import sharding
 from dithead_jax.config import DiffusionConfig, DiTConfig, TrainConfig
 from dithead_jax.diffusion import schedule as diffusion
-from dithead_jax.training.state import StateSetup, TrainState, ema_update, learning_rate_schedule
+from dithead_jax.training.state import (
+    StateSetup,
+    TrainState,
+    ema_decay_at,
+    ema_update,
+    learning_rate_schedule,
+)
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -90,7 +96,7 @@ def make_train_step(
             step=state.step + 1,
             params=params,
             opt_state=opt_state,
-            ema_params=ema_update(state.ema_params, params, train_config.ema_decay),
+            ema_params=ema_update(state.ema_params, params, ema_decay_at(state.step, train_config)),
         )
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -76,7 +76,18 @@ def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
     return adamw
 
 
-def ema_update(ema: Any, params: Any, decay: float) -> Any:
+def ema_decay_at(step: Any, train: TrainConfig) -> Any:
+    """The EMA decay for update number `step` (0-based): `train.ema_decay`, or with
+    `train.ema_warmup` min(decay, (1 + step) / (10 + step)) (LDM's LitEma, TF's
+    num_updates): a run of a few hundred steps then averages its own recent weights
+    instead of keeping most of the initialisation (0.995^300 = 22% of it)."""
+    if not train.ema_warmup:
+        return train.ema_decay
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(train.ema_decay, (1.0 + step) / (10.0 + step))
+
+
+def ema_update(ema: Any, params: Any, decay: Any) -> Any:
     """ema <- decay * ema + (1 - decay) * params, leaf by leaf, in the EMA's dtype."""
     return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p.astype(e.dtype) - e), ema, params)
 

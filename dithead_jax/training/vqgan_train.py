@@ -52,6 +52,7 @@ from dithead_jax.training.state import (
     abstract_train_state,
     count_params,
     create_train_state,
+    ema_decay_at,
     ema_update,
 )
 
@@ -72,6 +73,10 @@ class VQGANRun:
     data: cfg.DataConfig
     target: str = "frames"
     use_lpips: bool = True
+    # Train on random (crop, crop) windows of the frames (0 = whole frames), as LDM trains
+    # its autoencoders on crops: the networks are convolutional, so a step costs
+    # (crop / S)^2 as much and short runs take several times more steps.
+    crop: int = 0
 
     @classmethod
     def from_config(cls, config: Any) -> VQGANRun:
@@ -90,7 +95,13 @@ class VQGANRun:
             data=cfg.from_dict(cfg.DataConfig, config["data"]),
             target=target,
             use_lpips=bool(get("use_lpips", True)),
+            crop=int(get("crop", 0)),
         )
+        if run.crop and (run.crop % run.model.downsample_factor or run.crop > run.data.image_size):
+            raise ValueError(
+                f"crop {run.crop} must divide by the VQGAN's factor "
+                f"{run.model.downsample_factor} and be at most data.image_size"
+            )
         if run.loss.perceptual_weight and not run.use_lpips:
             raise ValueError("loss.perceptual_weight > 0 needs use_lpips=True (or set it to 0)")
         return run
@@ -174,7 +185,7 @@ def make_train_step(
             step=step + 1,
             params=params,
             opt_state=opt_state,
-            ema_params=ema_update(state.ema_params, params, run.train.ema_decay),
+            ema_params=ema_update(state.ema_params, params, ema_decay_at(step, run.train)),
         )
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -224,8 +235,11 @@ def image_grid(columns: list[np.ndarray], pad: int = 2) -> np.ndarray:
 # Assembly
 
 
-def vqgan_batches(run: VQGANRun, *, shuffle: bool = True, seed_offset: int = 0) -> Iterator:
-    """This host's stage-1 batches {"image": (B, S, S, 3) in [-1, 1]} (a grain iterator)."""
+def vqgan_batches(
+    run: VQGANRun, *, shuffle: bool = True, seed_offset: int = 0, crop: bool = True
+) -> Iterator:
+    """This host's stage-1 batches {"image": (B, S, S, 3) in [-1, 1]} (a grain iterator),
+    random `run.crop` windows unless crop=False."""
     from dithead_jax.data import pipelines  # imports TFDS: only when records are read
 
     if not run.data.dir:
@@ -237,6 +251,7 @@ def vqgan_batches(run: VQGANRun, *, shuffle: bool = True, seed_offset: int = 0) 
         seed=run.train.seed + seed_offset,
         target=run.target,  # type: ignore[arg-type]
         shuffle=shuffle,
+        crop=run.crop if crop else 0,
     )
     return iter(dataset)
 
@@ -265,8 +280,8 @@ def build_task(
     if batches is None:
         batches = vqgan_batches(run)
     if preview_batch is None and run.data.dir:
-        # A fixed, unshuffled batch: the preview shows the same frames at every step.
-        preview_batch = next(vqgan_batches(run, shuffle=False, seed_offset=1))
+        # A fixed, unshuffled batch of whole frames: the same ones at every preview.
+        preview_batch = next(vqgan_batches(run, shuffle=False, seed_offset=1, crop=False))
 
     to_global = loop.global_batcher(BATCH_KEYS, batch_sharding)
 
