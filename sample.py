@@ -89,7 +89,11 @@ def generate_video(args: argparse.Namespace, models) -> None:
     landmarks = args.landmarks
     if landmarks == "sidecar_or_dlib":
         landmarks = "sidecar" if Path(args.video).with_suffix(".npz").is_file() else "dlib"
-    cfg = PreprocessConfig(landmarks=landmarks, size=size, missing_face="drop_video", data=data)
+    # Crop exactly as the training set was cropped (datasets made before --margin: 0.35).
+    margin = float(stage1.get("margin", PreprocessConfig.margin))
+    cfg = PreprocessConfig(
+        landmarks=landmarks, size=size, margin=margin, missing_face="drop_video", data=data
+    )
     spec = stage1.get("audio_features", "logmel")
     featurizer = AudioFeaturizer(spec, data)
     try:

@@ -71,6 +71,10 @@ def get_config(arg: str = "f4_16384") -> ml_collections.ConfigDict:
             disc_channels=32,
             base_learning_rate=1.25e-4,  # x batch 8 = 1e-3
             dead_code_steps=10,
+            # L1 x5 inside the mouth mask (weight 1 + 4 alpha), the only region paste-back
+            # keeps: held-out round trips then carry more of the mouth opening (expert
+            # reading 0.46 -> 0.54 after 300 steps; whole-face PSNR 17.1 -> 16.2 dB).
+            mask_weight=4.0,
         )
         train = cfg.TrainConfig(
             global_batch_size=8,

@@ -55,6 +55,7 @@ def _init_worker(args: argparse.Namespace, held_out: set) -> None:
         landmarks=args.landmarks,
         audio_features=args.audio_features,
         size=args.size,
+        margin=args.margin,
         missing_face=args.missing_face,
         data=data,
     )
@@ -76,8 +77,13 @@ def _init_worker(args: argparse.Namespace, held_out: set) -> None:
 
 
 def provenance(args: argparse.Namespace) -> dict:
-    """Recorded with the dataset: sample.py must compute the same audio features."""
-    return {"audio_features": args.audio_features, "landmarks": args.landmarks}
+    """Recorded with the dataset: sample.py must compute the same audio features and crop
+    the same way."""
+    return {
+        "audio_features": args.audio_features,
+        "landmarks": args.landmarks,
+        "margin": args.margin,
+    }
 
 
 def _process(path: Path):
@@ -112,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--audio-features", default="logmel",
                         help="logmel | wav2vec2:PATH_OR_HUB_ID")  # fmt: skip
     parser.add_argument("--size", type=int, default=256, help="face crop size in pixels")
+    parser.add_argument("--margin", type=float, default=0.35,
+                        help="crop side = (1 + 2 margin) x the landmarks' extent")  # fmt: skip
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--num-shards", type=int, default=1)
     parser.add_argument("--shard-index", type=int, default=0)
@@ -126,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         fail(PROG, f"{input_dir}: input folder not found")
     if args.size < 32 or args.size % 2:
         fail(PROG, f"--size must be an even number >= 32 (got {args.size})")
+    if not 0.0 <= args.margin <= 2.0:
+        fail(PROG, f"--margin must be in [0, 2] (got {args.margin})")
     if args.workers < 1 or args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
         fail(PROG, "need --workers >= 1 and 0 <= --shard-index < --num-shards")
     check_writable_dir(PROG, args.out)

@@ -293,6 +293,11 @@ class VQGANLossConfig:
     # Dead codes: a code unused for this many steps is re-initialised from a random
     # pre-quantisation latent of the current batch (0 = never).
     dead_code_steps: int = 1_000
+    # Extra L1 weight inside the lower-face mask (the frames VQGAN only): pixel weights are
+    # 1 + mask_weight * alpha, normalised to mean 1. Paste-back keeps only the masked region
+    # of a decoded face, so that is where the decoder's fidelity counts; small models
+    # otherwise spend their capacity on hair and background (0 = plain L1, as taming).
+    mask_weight: float = 0.0
 
     def learning_rate(self, global_batch_size: int) -> float:
         return self.base_learning_rate * (global_batch_size if self.scale_lr_by_batch else 1)

@@ -31,7 +31,9 @@ def test_videos_to_report_and_mp4(tmp_path):
     run("data/synthetic.py", "--out", str(syn), "--identities", "2", "--clips", "1",
         "--seconds", "1.6", "--size", "64", "--seed", "1")  # fmt: skip
     run("data/preprocess.py", "--input", str(syn), "--out", str(stage1),
-        "--landmarks", "sidecar", "--size", "32")  # fmt: skip
+        "--landmarks", "sidecar", "--size", "32", "--margin", "0.3")  # fmt: skip
+    meta = json.loads((stage1 / "dataset" / "metadata.json").read_text())
+    assert meta["provenance"]["margin"] == 0.3  # sample.py crops new videos the same way
     run("train.py", "--config", "configs/vqgan.py:testing", "--workdir", str(vq),
         f"--config.data.dir={stage1}", "--config.train.num_steps=2",
         "--config.train.checkpoint_every=2")  # fmt: skip
@@ -72,6 +74,7 @@ def test_videos_to_report_and_mp4(tmp_path):
     assert set(result["sync"]) == {
         "correlation", "control_correlation", "expert_calibration", "vqgan_ceiling"
     }  # fmt: skip
+    assert all(-1 <= v <= 1 for v in result["sync"].values())
     assert result["clips"][0]["flicker"] > 0
     assert "DiT-Head (paper, HDTF)" in (report / "report.md").read_text()
     assert len(list(report.glob("*.mp4"))) == 1

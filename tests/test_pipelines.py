@@ -37,7 +37,7 @@ def stage1_dir(tmp_path_factory):
             {
                 "frame": rng.integers(0, 256, (t, S, S, 3), dtype=np.uint8),
                 "masked_frame": rng.integers(0, 256, (t, S, S, 3), dtype=np.uint8),
-                "mask": np.zeros((t, S, S), np.uint8),
+                "mask": rng.integers(0, 256, (t, S, S), dtype=np.uint8),
                 "landmarks": np.zeros((t, 68, 2), np.float32),
                 "crop_box": np.zeros((t, 4), np.float32),
                 "source_size": np.ones((t, 2), np.int32),
@@ -147,6 +147,29 @@ def test_vqgan_batches(stage1_dir):
         assert found
         places.add(found[0])
     assert len(places) > 4
+    # with_mask: each example's alpha is cut and mirrored exactly like its image.
+    ds = pipelines.vqgan_dataset(
+        stage1_dir, batch_size=4, crop=crop, with_mask=True, shuffle=False,
+        num_epochs=1, shard_index=0, shard_count=1,
+    )  # fmt: skip
+    batches = take(ds, 4)
+    masks = np.concatenate([b["mask"] for b in batches])
+    assert masks.shape == (16, crop, crop) and masks.dtype == np.float32
+    assert masks.min() >= 0.0 and masks.max() <= 1.0 and masks.max() > 0.5
+    images = np.concatenate([b["image"] for b in batches])
+    for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
+        frame, alpha = originals[i], source[i]["mask"] / 255.0
+        mirror = lambda a, flip: a[:, ::-1] if flip else a
+        views = [
+            (
+                mirror(frame[y : y + crop, x : x + crop], flip),
+                mirror(alpha[y : y + crop, x : x + crop], flip),
+            )
+            for y, x in windows
+            for flip in (False, True)
+        ]
+        expected = [a for f, a in views if np.allclose(image, f, atol=1e-6)]
+        assert expected and np.allclose(mask, expected[0], atol=1e-6)
 
 
 def test_choose_reference_rules():

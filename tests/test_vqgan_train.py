@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from configs import vqgan as vqgan_configs
-from dithead_jax.config import SyntheticConfig
+from dithead_jax.config import DataConfig, SyntheticConfig
 from dithead_jax.data import records
+from dithead_jax.data.masks import lower_face_mask
 from dithead_jax.data.synthetic_dataset import render_synthetic_clip
 from dithead_jax.models.vqgan import VQGAN
 from dithead_jax.training import loop, vqgan_train
@@ -38,7 +39,7 @@ def frames_dir(tmp_path_factory):
         {
             "frame": frames,
             "masked_frame": frames,  # unread by target="frames"
-            "mask": np.zeros((t, S, S), np.uint8),
+            "mask": np.stack([lower_face_mask(lm, S, DataConfig()) for lm in clip[0].landmarks]),
             "landmarks": np.zeros((t, 68, 2), np.float32),
             "crop_box": np.zeros((t, 4), np.float32),
             "source_size": np.full((t, 2), S, np.int32),
@@ -65,6 +66,15 @@ def test_configs_parse():
     bad.crop = 30  # not a multiple of f = 4
     with pytest.raises(ValueError, match="crop 30"):
         vqgan_train.VQGANRun.from_config(bad)
+    bad = vqgan_configs.get_config("testing")
+    bad.loss.mask_weight = -1.0
+    with pytest.raises(ValueError, match="mask_weight must be >= 0"):
+        vqgan_train.VQGANRun.from_config(bad)
+    # One config serves both VQGANs: the masked one (no decoder kept) drops the weighting.
+    masked = vqgan_configs.get_config("demo")
+    masked.target = "masked"
+    assert vqgan_configs.get_config("demo").loss.mask_weight > 0
+    assert vqgan_train.VQGANRun.from_config(masked).loss.mask_weight == 0
 
 
 def test_train_resume_and_load(frames_dir, tmp_path):
@@ -72,6 +82,7 @@ def test_train_resume_and_load(frames_dir, tmp_path):
     re-using the task lets the resumed run skip a second ~40 s compile of the step."""
     config = vqgan_configs.get_config("testing")
     config.data.dir = frames_dir
+    config.loss.mask_weight = 2.0  # batches carry the records' masks through to the loss
     run = vqgan_train.VQGANRun.from_config(config)
     workdir = tmp_path / "run"
     # Two of the 8 simulated devices: still a sharded (data=2) run, but with 2 CPU cores

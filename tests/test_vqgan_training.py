@@ -84,6 +84,31 @@ def test_adaptive_weight_matches_direct_gradients(nets, frames):
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
 
 
+def test_mask_weighted_l1(nets, frames):
+    """mask_weight: L1 under pixel weights 1 + w * alpha normalised to mean 1, so a mask
+    over half the image moves the loss towards that half's error; w = 0 is plain L1."""
+    (g, params), (gd, dparams) = nets
+    model, disc = nnx.merge(g, params), nnx.merge(gd, dparams)
+    x = jnp.asarray(frames[:2])
+    alpha = np.zeros(x.shape[:3], np.float32)
+    alpha[:, x.shape[1] // 2 :] = 1.0  # the lower half
+    error = np.abs(np.asarray(x - model(x)[0]))
+    top, bottom = error[:, : x.shape[1] // 2].mean(), error[:, x.shape[1] // 2 :].mean()
+
+    def l1(weight):
+        cfg = dataclasses.replace(LOSS_CFG, mask_weight=weight, perceptual_weight=0.0)
+        batch = {"image": x, "mask": jnp.asarray(alpha)}
+        _, aux = losses.vqgan_generator_loss(model, disc, None, batch, 0, cfg)
+        return float(aux["metrics"]["l1"])
+
+    np.testing.assert_allclose(l1(0.0), (top + bottom) / 2, rtol=1e-4)
+    # weights 1 (top) and 1 + 3 (bottom), mean 2.5: (top + 4 bottom) / 5
+    np.testing.assert_allclose(l1(3.0), (top + 4 * bottom) / 5, rtol=1e-4)
+    with pytest.raises(ValueError, match="needs batches with a 'mask'"):
+        cfg = dataclasses.replace(LOSS_CFG, mask_weight=1.0, perceptual_weight=0.0)
+        losses.vqgan_generator_loss(model, disc, None, {"image": x}, 0, cfg)
+
+
 def test_last_layer_grad_finite_difference():
     """The inner gradient against central differences on a conv of a smooth toy loss."""
     conv = nnx.Conv(4, 3, (3, 3), rngs=nnx.Rngs(0))

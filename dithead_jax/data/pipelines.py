@@ -120,23 +120,26 @@ def _order(
 
 
 class _ImageExample(grain.transforms.RandomMap):
-    """record -> {"image": float32 (S, S, 3) in [-1, 1]}, optionally mirrored, or a random
-    (crop, crop) window of it."""
+    """record -> {"image": float32 (S, S, 3) in [-1, 1]} (+ "mask": float32 (S, S) alpha in
+    [0, 1] when with_mask), optionally mirrored, or a random (crop, crop) window of it."""
 
-    def __init__(self, key: str, random_flip: bool, crop: int = 0):
-        self.key, self.random_flip, self.crop = key, random_flip, crop
+    def __init__(self, key: str, random_flip: bool, crop: int = 0, with_mask: bool = False):
+        self.key, self.random_flip, self.crop, self.with_mask = key, random_flip, crop, with_mask
 
     def random_map(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict:
-        image = np.asarray(record[self.key], np.float32) / 127.5 - 1.0
+        example = {"image": np.asarray(record[self.key], np.float32) / 127.5 - 1.0}
+        if self.with_mask:
+            example["mask"] = np.asarray(record["mask"], np.float32) / 255.0
         if self.crop:
-            if self.crop > min(image.shape[:2]):
-                raise ValueError(f"crop {self.crop} is larger than the {image.shape[0]}px frames")
-            y, x = (int(rng.integers(n - self.crop + 1)) for n in image.shape[:2])
-            image = image[y : y + self.crop, x : x + self.crop]
+            size = example["image"].shape[:2]
+            if self.crop > min(size):
+                raise ValueError(f"crop {self.crop} is larger than the {size[0]}px frames")
+            y, x = (int(rng.integers(n - self.crop + 1)) for n in size)
+            example = {k: v[y : y + self.crop, x : x + self.crop] for k, v in example.items()}
         # Faces are left-right symmetric enough; the mask hull and audio do not care.
         if self.random_flip and rng.random() < 0.5:
-            image = image[:, ::-1]
-        return {"image": np.ascontiguousarray(image)}
+            example = {k: v[:, ::-1] for k, v in example.items()}
+        return {k: np.ascontiguousarray(v) for k, v in example.items()}
 
 
 def vqgan_dataset(
@@ -148,6 +151,7 @@ def vqgan_dataset(
     target: Target = "frames",
     random_flip: bool = True,
     crop: int = 0,
+    with_mask: bool = False,
     shuffle: bool = True,
     num_epochs: int | None = None,
     drop_remainder: bool = True,
@@ -162,6 +166,8 @@ def vqgan_dataset(
 
     target: "frames" (ground-truth VQGAN E/D) or "masked" (masked-frame encoder E_m).
     crop: train on random (crop, crop) windows instead of whole frames (0 = whole).
+    with_mask: also yield "mask", float32 (batch_size, S, S) lower-face alpha in [0, 1]
+    (for the mask-weighted L1), cropped and mirrored with the image.
     batch_size is per host. num_epochs=None repeats forever. shard_index/shard_count
     default to jax.process_index()/process_count().
     """
@@ -170,9 +176,10 @@ def vqgan_dataset(
         raise ValueError(f"target must be 'frames' or 'masked', got {target!r}")
     other = "masked_frame" if key == "frame" else "frame"
     # Undecoded bytes for what this stage never looks at: saves a JPEG decode per sample.
-    source, _ = records_lib.open_dataset(data_dir, split, skip_decoding=(other, "mask"))
+    skip = (other,) if with_mask else (other, "mask")
+    source, _ = records_lib.open_dataset(data_dir, split, skip_decoding=skip)
     ds = _order(grain.MapDataset.source(source), seed, shuffle, shard_index, shard_count)
-    ds = ds.random_map(_ImageExample(key, random_flip, crop))
+    ds = ds.random_map(_ImageExample(key, random_flip, crop, with_mask))
     return _finish(
         ds,
         batch_size=batch_size,

@@ -59,6 +59,17 @@ def images_of(batch: Batch) -> Float[Array, "b h w c"]:
     return jnp.asarray(images, jnp.float32)
 
 
+def l1_weights(batch: Batch, cfg: VQGANLossConfig) -> Float[Array, "b h w 1"] | None:
+    """Per-pixel L1 weights 1 + mask_weight * alpha with mean 1 over the batch (so the
+    loss keeps its scale and the learning rate its meaning), or None for plain L1."""
+    if not cfg.mask_weight:
+        return None
+    if not isinstance(batch, Mapping) or "mask" not in batch:
+        raise ValueError("loss.mask_weight > 0 needs batches with a 'mask' (alpha in [0, 1])")
+    weights = 1.0 + cfg.mask_weight * jnp.asarray(batch["mask"], jnp.float32)[..., None]
+    return weights / jnp.mean(weights)
+
+
 def disc_factor(step: jax.Array | int, cfg: VQGANLossConfig) -> jax.Array:
     """cfg.disc_factor from `disc_start` on, 0 before (taming's `adopt_weight`)."""
     return jnp.where(jnp.asarray(step) >= cfg.disc_start, cfg.disc_factor, 0.0)
@@ -132,8 +143,11 @@ def vqgan_generator_loss(
     conv_out = model.decoder.conv_out
     x_rec = constrain(conv_out(h)).astype(jnp.float32)
 
+    pixel_weights = l1_weights(batch, cfg)
+
     def reconstruction(images: Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        l1 = jnp.mean(jnp.abs(x - images))
+        error = jnp.abs(x - images)
+        l1 = jnp.mean(error if pixel_weights is None else error * pixel_weights)
         if cfg.perceptual_weight:
             if lpips is None:
                 raise ValueError("perceptual_weight > 0 needs an LPIPS module")

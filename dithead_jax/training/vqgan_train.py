@@ -102,6 +102,13 @@ class VQGANRun:
                 f"crop {run.crop} must divide by the VQGAN's factor "
                 f"{run.model.downsample_factor} and be at most data.image_size"
             )
+        if run.loss.mask_weight and target == "masked":
+            # E_m's decoder is discarded and its mask region is a constant fill: nothing
+            # there to weight. One config then serves both VQGANs of a run.
+            logging.info("loss.mask_weight applies to the frames VQGAN only; ignored here")
+            run = dataclasses.replace(run, loss=dataclasses.replace(run.loss, mask_weight=0.0))
+        if run.loss.mask_weight < 0:
+            raise ValueError(f"loss.mask_weight must be >= 0, got {run.loss.mask_weight}")
         if run.loss.perceptual_weight and not run.use_lpips:
             raise ValueError("loss.perceptual_weight > 0 needs use_lpips=True (or set it to 0)")
         return run
@@ -252,6 +259,7 @@ def vqgan_batches(
         target=run.target,  # type: ignore[arg-type]
         shuffle=shuffle,
         crop=run.crop if crop else 0,
+        with_mask=bool(run.loss.mask_weight),
     )
     return iter(dataset)
 
@@ -283,7 +291,8 @@ def build_task(
         # A fixed, unshuffled batch of whole frames: the same ones at every preview.
         preview_batch = next(vqgan_batches(run, shuffle=False, seed_offset=1, crop=False))
 
-    to_global = loop.global_batcher(BATCH_KEYS, batch_sharding)
+    keys = BATCH_KEYS + (("mask",) if run.loss.mask_weight else ())
+    to_global = loop.global_batcher(keys, batch_sharding)
 
     # ---- Model and sharded state ---------------------------------------------------------
     make_model = lambda rngs: VQGANTrainer(run.model, run.loss, rngs=rngs)
