@@ -102,13 +102,13 @@ class VQGANRun:
                 f"crop {run.crop} must divide by the VQGAN's factor "
                 f"{run.model.downsample_factor} and be at most data.image_size"
             )
+        if run.loss.mask_weight < 0:
+            raise ValueError(f"loss.mask_weight must be >= 0, got {run.loss.mask_weight}")
         if run.loss.mask_weight and target == "masked":
             # E_m's decoder is discarded and its mask region is a constant fill: nothing
             # there to weight. One config then serves both VQGANs of a run.
             logging.info("loss.mask_weight applies to the frames VQGAN only; ignored here")
             run = dataclasses.replace(run, loss=dataclasses.replace(run.loss, mask_weight=0.0))
-        if run.loss.mask_weight < 0:
-            raise ValueError(f"loss.mask_weight must be >= 0, got {run.loss.mask_weight}")
         if run.loss.perceptual_weight and not run.use_lpips:
             raise ValueError("loss.perceptual_weight > 0 needs use_lpips=True (or set it to 0)")
         return run
