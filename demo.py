@@ -130,17 +130,23 @@ def summary(out: Path, timings: dict[str, float], groups: list[list[str]]) -> st
     report = json.loads((out / "report" / "report.json").read_text())
     sync, modes = report.get("sync", {}), report.get("modes") or {}
     corr, control = sync.get("correlation", 0.0), sync.get("control_correlation", 0.0)
-    met = corr >= SYNC_TARGET and corr - control >= SYNC_MARGIN
+    scores = {m: (v["sync"], v["sync_control"]) for m, v in modes.items() if "sync" in v}
+    scores = scores or {MODES.split(",")[0]: (corr, control)}
+    met = [m for m, (c, k) in scores.items() if c >= SYNC_TARGET and c - k >= SYNC_MARGIN]
+    best = max(scores, key=lambda m: scores[m][0] - scores[m][1])
     rows = [[" + ".join(g), " / ".join(f"{timings.get(n, 0):.0f}" for n in g)] for g in groups]
     rows.append(["**wall time** (stages joined by + ran side by side)",
                  f"{wall_time(timings, groups):.0f}"])  # fmt: skip
     lines = [
         "# Demo run",
         "",
-        f"Lip sync on held-out identities: correlation **{corr:.3f}** between the mouth "
-        f"opening measured in generated frames and the true opening (shuffled-audio control "
-        f"{control:.3f}); target >= {SYNC_TARGET} and >= {SYNC_MARGIN} above the control: "
-        f"**{'met' if met else 'not met'}**. The mouth expert reads real held-out frames at "
+        f"Lip sync on held-out identities ({next(iter(scores))} references, the sampler's "
+        f"default): correlation **{corr:.3f}** between the mouth opening measured in "
+        f"generated frames and the true opening (shuffled-audio control {control:.3f}); "
+        f"widest margin over the control: {best}, {scores[best][0]:.3f} against "
+        f"{scores[best][1]:.3f}. Target >= {SYNC_TARGET} and >= {SYNC_MARGIN} above the "
+        f"control: **{'met by ' + ', '.join(met) if met else 'not met'}**. "
+        f"The mouth expert reads real held-out frames at "
         f"{sync.get('expert_calibration', 0):.3f} and the frame VQGAN's round trips of them "
         f"at {sync.get('vqgan_ceiling', 0):.3f}: no sample can do better than the decoder.",
         "",
@@ -176,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clips", type=int, default=1, help="clips per identity")
     p.add_argument("--seconds", type=float, default=4.0, help="seconds per clip")
     p.add_argument("--vqgan-steps", type=int, default=300)
-    p.add_argument("--dit-steps", type=int, default=400)
+    p.add_argument("--dit-steps", type=int, default=1200)
     p.add_argument("--steps", type=int, default=10, help="DDIM steps when sampling")
     p.add_argument("--eval-clips", type=int, default=4, help="held-out clips evaluated")
     p.add_argument("--eval-frames", type=int, default=50, help="frames per evaluated clip")

@@ -71,6 +71,7 @@ def stage2_records(out: Path, videos: int = 4, frames: int = 150, variants: int 
                 "masked_latents": rng.standard_normal((frames, variants, 64, 64, 3)).astype(
                     np.float16
                 ),
+                "mask": rng.integers(0, 256, (frames, 64, 64), dtype=np.uint8),
                 "audio": rng.standard_normal((frames, 11, 33)).astype(np.float32),
             },
             identity=f"person{v}",

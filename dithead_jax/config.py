@@ -165,6 +165,11 @@ class DiffusionConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     prediction: Literal["epsilon", "v"] = "epsilon"
+    # Extra MSE weight inside the lower-face mask (stage-2 records carry it on the latent
+    # grid): weights 1 + mask_weight * alpha, normalised to mean 1. The masked region is
+    # the only part the DiT must invent from audio; elsewhere z_masked already shows the
+    # answer, and a short run otherwise spends itself there (0 = the paper's plain MSE).
+    mask_weight: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,6 +48,11 @@ def write_random_stage2(
             {
                 "latent": latent.astype(np.float16),
                 "masked_latents": masked.astype(np.float16),
+                # The lower half, where `masked` hides the target: the mask-weighted loss's
+                # region.
+                "mask": np.broadcast_to(
+                    (np.arange(h) >= h // 2)[:, None] * np.uint8(255), (frames, h, latent_shape[1])
+                ),
                 "audio": rng.normal(size=(frames, audio_window, audio_dim)).astype(np.float32),
             },
             identity=f"id{v % 2}",

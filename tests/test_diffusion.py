@@ -145,6 +145,25 @@ def test_training_loss_oracle_and_zero_model(adm):
     assert float(zero_loss) == pytest.approx(1.0, abs=0.15)
 
 
+def test_training_loss_weights_each_element(adm):
+    x0 = jax.random.normal(jax.random.key(4), (4, 4, 4, 3))
+    error = jax.random.normal(jax.random.key(5), x0.shape)
+
+    def off_by_error(x_t, t):
+        # The exact noise plus a known error: the loss is a weighted mean of error^2,
+        # whatever t and noise were drawn.
+        return sch.predict_eps_from_x0(adm, x_t, t, x0) + error
+
+    alpha = jnp.zeros((4, 4, 4)).at[:, 2:].set(1.0)  # the lower half of every example
+    weights = 1.0 + 3.0 * alpha[..., None]
+    loss, aux = jax.jit(
+        lambda rng: sch.training_loss(off_by_error, adm, x0, rng, "epsilon", weights=weights)
+    )(jax.random.key(6))
+    want = np.mean(np.asarray(weights) * np.square(np.asarray(error)), axis=(1, 2, 3))
+    np.testing.assert_allclose(aux["loss_per_example"], want, rtol=1e-4)
+    assert float(loss) == pytest.approx(float(want.mean()), rel=1e-4)
+
+
 def test_diffusion_loss_and_gradient():
     pred = jnp.ones((2, 3, 3, 3))
     target = jnp.zeros((2, 3, 3, 3))

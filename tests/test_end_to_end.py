@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dithead_jax.data import records
+from dithead_jax.data.latents import latent_mask
 from dithead_jax.data.video_io import read_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +46,13 @@ def test_videos_to_report_and_mp4(tmp_path):
     meta = json.loads((latents / "dataset" / "metadata.json").read_text())
     assert meta["kind"] == "stage2" and meta["num_masked"] == 2
     assert meta["provenance"]["vqgan_workdir"] == str(vq.resolve())
+    # Each latent record carries its frame's lower-face mask on the latent grid (32 / 8).
+    frames, _ = records.open_dataset(stage1, "train")
+    codes, _ = records.open_dataset(latents, "train")
+    np.testing.assert_array_equal(codes[3]["mask"], latent_mask(frames[3]["mask"][None], 8)[0])
     run("train.py", "--config", "configs/dit.py:testing", "--workdir", str(dit),
         f"--config.data.dir={latents}", "--config.model.input_size=8",
+        "--config.diffusion.mask_weight=4",
         "--config.data.min_reference_distance=5", "--config.train.num_steps=2",
         "--config.train.checkpoint_every=2", "--config.train.image_every=2")  # fmt: skip
     run(

@@ -165,3 +165,30 @@ def test_face_alignment_runs_offline_from_weights_in_the_torch_hub_cache(tmp_pat
 
 def _no_network(*args, **kwargs):
     raise OSError("network disabled in tests")
+
+
+def test_latent_grid_mask_averages_each_cell(clip):
+    from dithead_jax.data.latents import latent_mask
+
+    rendered, _ = clip
+    alpha = lower_face_mask(rendered.landmarks[3], 256, CFG)
+    stored = np.round(alpha * 255).astype(np.uint8)[None]
+    grid = latent_mask(stored, 64)  # f = 4, the paper's VQGAN
+    assert grid.shape == (1, 64, 64) and grid.dtype == np.uint8
+    # Each latent cell is the mean over its 4 x 4 pixels.
+    cell = stored[0, 40 * 4 : 41 * 4, 30 * 4 : 31 * 4].astype(np.float64).mean()
+    assert abs(int(grid[0, 40, 30]) - cell) <= 0.5
+    assert abs(grid.mean() - stored.mean()) < 0.5  # area-preserving
+    with pytest.raises(ValueError, match="not a multiple"):
+        latent_mask(stored, 48)
+
+
+def test_loss_weights_have_mean_one_and_favour_the_mask():
+    from dithead_jax.data.masks import loss_weights
+
+    alpha = np.zeros((2, 4, 4), np.float32)
+    alpha[:, 2:] = 1.0
+    weights = loss_weights(alpha, 3.0)
+    assert weights.shape == (2, 4, 4, 1) and weights.mean() == pytest.approx(1.0)
+    # Inside the mask 1 + 3 = 4 times the weight outside it.
+    assert weights[0, 3, 0, 0] == pytest.approx(4 * weights[0, 0, 0, 0])

@@ -63,6 +63,7 @@ def stage2_dir(tmp_path_factory):
             {
                 "latent": rng.normal(size=(t, *LATENT)).astype(np.float16),
                 "masked_latents": rng.normal(size=(t, K, *LATENT)).astype(np.float16),
+                "mask": rng.integers(0, 256, (t, *LATENT[:2]), dtype=np.uint8),
                 "audio": rng.normal(size=(t, W, D)).astype(np.float32),
                 "frame_index": frames,
             },
@@ -83,6 +84,7 @@ def stage2_lookup(stage2_dir):
         "audio": np.stack([r["audio"] for r in rows]),
         "latent": np.stack([r["latent"] for r in rows]).astype(np.float32),
         "masked": np.stack([r["masked_latents"] for r in rows]).astype(np.float32),
+        "mask": np.stack([r["mask"] for r in rows]).astype(np.float32) / 255.0,
         "video": np.array([r["video_id"] for r in rows]),
         "frame": np.array([r["frame_index"] for r in rows]),
     }
@@ -229,6 +231,37 @@ def test_dit_batches_and_reference_rule(stage2_dir):
             else:
                 assert distance >= MIN_DIST
     assert variants_seen == set(range(K))
+    assert "mask" not in b  # only asked for by a mask-weighted loss
+
+
+def test_dit_batches_carry_the_targets_mask(stage2_dir):
+    lookup = stage2_lookup(stage2_dir)
+    ds = pipelines.dit_dataset(stage2_dir, batch_size=8, seed=3, with_mask=True, num_epochs=1)
+    for batch in take(ds, 3):
+        assert batch["mask"].shape == (8, *LATENT[:2]) and batch["mask"].dtype == np.float32
+        for i, pos in enumerate(positions_of(batch["audio"], lookup)):
+            np.testing.assert_array_equal(batch["mask"][i], lookup["mask"][pos])
+
+
+def test_dit_batches_without_stored_masks_name_the_fix(tmp_path, stage2_dir, monkeypatch):
+    # Latent records as the writer made them before masks were stored: no "mask" feature.
+    make_features = records.make_features
+
+    def old_features(*args, **kwargs):
+        spec = make_features(*args, **kwargs)
+        return records.tfds.features.FeaturesDict({k: v for k, v in spec.items() if k != "mask"})
+
+    keys = ("latent", "masked_latents", "audio")
+    monkeypatch.setattr(records, "make_features", old_features)
+    monkeypatch.setattr(records, "_STAGE2_KEYS", keys)
+    old = records.DatasetWriter(
+        tmp_path, "stage2", latent_shape=LATENT, num_masked=K, audio_window=W, audio_dim=D
+    )
+    source, _ = records.open_dataset(stage2_dir, "train")
+    rows = [source[i] for i in range(4)]
+    old.write_video("train", "v", {k: np.stack([r[k] for r in rows]) for k in keys}, identity="p")
+    with pytest.raises(ValueError, match="no 'mask'.*encode_latents"):
+        pipelines.dit_dataset(old.finalize(), batch_size=2, with_mask=True)
 
 
 def test_host_shards_are_disjoint_and_cover(stage2_dir):

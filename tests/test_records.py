@@ -40,6 +40,7 @@ def stage2_video(t: int, seed: int, k: int = 2) -> dict[str, np.ndarray]:
     return {
         "latent": rng.normal(size=(t, 4, 4, 3)).astype(np.float16),
         "masked_latents": rng.normal(size=(t, k, 4, 4, 3)).astype(np.float16),
+        "mask": rng.integers(0, 256, (t, 4, 4), dtype=np.uint8),
         "audio": rng.normal(size=(t, W, D)).astype(np.float32),
     }
 
@@ -111,6 +112,7 @@ def test_stage2_round_trip_and_video_index(tmp_path):
     assert r["video_id"] == b"v1" and r["frame_index"] == 5 and r["num_frames"] == 3
     np.testing.assert_array_equal(r["latent"], v1["latent"][1])
     np.testing.assert_array_equal(r["masked_latents"], v1["masked_latents"][1])
+    np.testing.assert_array_equal(r["mask"], v1["mask"][1])
     np.testing.assert_array_equal(source[2]["audio"], v0["audio"][2])
     np.testing.assert_array_equal(source[2]["latent"], v0["latent"][2])
 

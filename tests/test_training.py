@@ -176,3 +176,43 @@ def test_ema_warmup_follows_a_short_run_and_caps_at_the_decay():
         for step in range(100):
             ema = ema_update(ema, {"w": np.ones(3, np.float32)}, ema_decay_at(step, config))
         assert float(1 - ema["w"][0]) == pytest.approx(left, rel=1e-3, abs=1e-6)
+
+
+def test_mask_weighted_loss_scales_the_error_inside_the_mask():
+    from dithead_jax.config import DiffusionConfig
+    from dithead_jax.diffusion import schedule as sch
+
+    schedule = sch.make_schedule(DiffusionConfig())
+    rng = np.random.default_rng(0)
+    latent = rng.normal(size=(2, 4, 4, 3)).astype(np.float32)
+    lower_half = np.zeros((2, 4, 4), np.float32)
+    lower_half[:, 2:] = 1.0
+    error = rng.normal(size=latent.shape).astype(np.float32) * lower_half[..., None]
+    batch = {"latent": latent, "mask": lower_half, "audio": np.zeros((2, 11, 33), np.float32)}
+    batch["masked_latent"] = batch["reference_latent"] = np.zeros_like(latent)
+
+    def exact_but_for_the_error(x, t, audio):
+        # The model sees [z_t, z_m, z_r]; it knows z_0, hence the noise, and errs only
+        # inside the mask.
+        return sch.predict_eps_from_x0(schedule, x[..., :3], t, latent) + error
+
+    def loss(weight):
+        return float(dit_step.dit_loss(
+            exact_but_for_the_error, batch, jax.random.key(1), schedule, "epsilon", weight
+        )[0])  # fmt: skip
+
+    # Weights 1 + 3 alpha over a half-covered grid have mean 2.5: 4 / 2.5 inside the mask.
+    assert loss(3.0) == pytest.approx(1.6 * loss(0.0), rel=1e-5)
+    with pytest.raises(ValueError, match="needs batches with a 'mask'"):
+        dit_step.dit_loss(
+            exact_but_for_the_error,
+            {k: v for k, v in batch.items() if k != "mask"},
+            jax.random.key(1),
+            schedule,
+            "epsilon",
+            3.0,
+        )
+    config = _load_run_config()
+    config.diffusion.mask_weight = -1.0
+    with pytest.raises(ValueError, match="mask_weight must be >= 0"):
+        dit_train.DiTRun.from_config(config)

@@ -2,7 +2,8 @@
 
 Per frame: E(frame) and E_m(masked frame) for K mask positions (variant 0 is the dataset's
 own mask, the others shift it by a few pixels: the paper's augmentation, see
-masks.mask_shifts), plus the audio window. Latents are stored normalised per channel,
+masks.mask_shifts), the dataset's lower-face mask area-averaged to the latent grid, plus the
+audio window. Latents are stored normalised per channel,
 (z - mean) / std, with mean and std estimated once from training frames and kept in the
 dataset's provenance together with the VQGAN runs that made it; sampling undoes it.
 """
@@ -44,6 +45,17 @@ class LatentJob:
 
 def _records(source, start: int, length: int) -> list[dict[str, Any]]:
     return [source[i] for i in range(start, start + length)]
+
+
+def latent_mask(masks: np.ndarray, size: int) -> np.ndarray:
+    """uint8 alpha masks (T, S, S) -> uint8 (T, size, size), each cell the mean over its
+    (S / size)^2 pixels: how much of that latent position the lower-face mask covers."""
+    t, s = masks.shape[0], masks.shape[1]
+    if s % size:
+        raise ValueError(f"mask size {s} is not a multiple of the latent size {size}")
+    f = s // size
+    cells = masks.astype(np.float32).reshape(t, size, f, size, f).mean(axis=(2, 4))
+    return np.round(cells).astype(np.uint8)
 
 
 def latent_statistics(
@@ -132,6 +144,7 @@ def encode_dataset(
                     "masked_latents": masked_latents.reshape(
                         len(records), len(shifts), *latent.shape[1:]
                     ),  # noqa: E501
+                    "mask": latent_mask(np.stack([r["mask"] for r in records]), latent.shape[1]),
                     "audio": np.stack([r["audio"] for r in records]),
                     "frame_index": np.array([r["frame_index"] for r in records]),
                 },

@@ -60,6 +60,14 @@ def apply_mask(frame: np.ndarray, alpha: np.ndarray, fill: float = 0.0) -> np.nd
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
+def loss_weights(alpha, weight: float):
+    """Per-pixel loss weights 1 + weight * alpha, (..., h, w) -> (..., h, w, 1), scaled to
+    mean 1 over the batch so the loss keeps its scale and the learning rate its meaning.
+    Works on numpy and jax arrays alike (the VQGAN's L1 and the DiT's MSE both use it)."""
+    weights = 1.0 + weight * alpha[..., None]
+    return weights / weights.mean()
+
+
 def mask_shifts(num_variants: int, max_shift: float, seed: int = 0) -> np.ndarray:
     """(K, 2) pixel shifts for the masked-latent variants; variant 0 is always unshifted.
 

@@ -221,10 +221,17 @@ def choose_reference(
 
 
 class _LatentExample(grain.transforms.RandomMap):
-    """record position -> {latent, masked_latent, reference_latent, audio} (see dit_dataset)."""
+    """record position -> {latent, masked_latent, reference_latent, audio (, mask)} (see
+    dit_dataset)."""
 
-    def __init__(self, source: Sequence[Mapping[str, Any]], index: dict[str, np.ndarray], d: int):
-        self.source, self.min_distance = source, d
+    def __init__(
+        self,
+        source: Sequence[Mapping[str, Any]],
+        index: dict[str, np.ndarray],
+        d: int,
+        with_mask: bool = False,
+    ):
+        self.source, self.min_distance, self.with_mask = source, d, with_mask
         self.frame_index = index["frame_index"]
         self.start, self.length = index["start"], index["length"]
         self.video_of = np.repeat(np.arange(len(self.start)), self.length)
@@ -242,12 +249,15 @@ class _LatentExample(grain.transforms.RandomMap):
             rng,
         )
         variants = record["masked_latents"]
-        return {
+        example = {
             "latent": np.asarray(record["latent"], np.float32),
             "masked_latent": np.asarray(variants[rng.integers(len(variants))], np.float32),
             "reference_latent": np.asarray(self.source[ref]["latent"], np.float32),
             "audio": np.asarray(record["audio"], np.float32),
         }
+        if self.with_mask:
+            example["mask"] = np.asarray(record["mask"], np.float32) / 255.0
+        return example
 
 
 def dit_dataset(
@@ -257,6 +267,7 @@ def dit_dataset(
     batch_size: int,
     seed: int = 0,
     min_reference_distance: int = 60,
+    with_mask: bool = False,
     shuffle: bool = True,
     num_epochs: int | None = None,
     drop_remainder: bool = True,
@@ -275,17 +286,24 @@ def dit_dataset(
                                                  min_reference_distance frames away
                                                  (`choose_reference`)
         audio             (batch_size, W, D)
+        mask              (batch_size, h, w)     with_mask only: the target frame's lower-face
+                                                 alpha in [0, 1] on the latent grid
 
     Arguments as in `vqgan_dataset`; pass `DataConfig.min_reference_distance`.
     """
-    source, _ = records_lib.open_dataset(data_dir, split)
+    source, features = records_lib.open_dataset(data_dir, split)
+    if with_mask and "mask" not in features:
+        raise ValueError(
+            f"{data_dir}: these latent records have no 'mask' (written before masks were "
+            "stored); re-run data/encode_latents.py to use a mask-weighted loss"
+        )
     index = records_lib.load_video_index(data_dir, split)
     if int(index["length"].sum()) != len(source):
         raise ValueError(f"{data_dir}: video index and split '{split}' disagree; re-finalize")
     # The index space is the source: the map reads the target and its reference itself.
     ds = grain.MapDataset.range(len(source))
     ds = _order(ds, seed, shuffle, shard_index, shard_count)
-    ds = ds.random_map(_LatentExample(source, index, min_reference_distance))
+    ds = ds.random_map(_LatentExample(source, index, min_reference_distance, with_mask))
     return _finish(
         ds,
         batch_size=batch_size,

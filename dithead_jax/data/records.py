@@ -7,7 +7,7 @@ feature dim, (h, w, c) = latent shape, K = masked-latent variants:
 | --- | --- |
 | `frame` Image (S, S, 3) uint8 | `latent` float16 (h, w, c), pre-quantisation |
 | `masked_frame` Image (S, S, 3) uint8 | `masked_latents` float16 (K, h, w, c) |
-| `mask` uint8 (S, S) = alpha x 255, zlib | |
+| `mask` uint8 (S, S) = alpha x 255, zlib | `mask` uint8 (h, w): the same, area-averaged |
 | `landmarks` float32 (68, 2), crop pixels | |
 | `crop_box` float32 (4,) x0 y0 x1 y1, source pixels | |
 | `source_size` int32 (2,) source H, W | |
@@ -98,7 +98,7 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
 _SPLIT_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 # Record keys the caller supplies (the writer adds identity, video_id and num_frames).
 _STAGE1_KEYS = ("frame", "masked_frame", "mask", "landmarks", "crop_box", "source_size", "audio")
-_STAGE2_KEYS = ("latent", "masked_latents", "audio")
+_STAGE2_KEYS = ("latent", "masked_latents", "mask", "audio")
 
 
 def dataset_name(kind: Kind) -> str:
@@ -153,6 +153,10 @@ def make_features(
                 "latent": tfds.features.Tensor(shape=shape, dtype=np.float16),
                 "masked_latents": tfds.features.Tensor(
                     shape=(int(num_masked), *shape), dtype=np.float16
+                ),
+                # The lower-face mask at latent resolution: where the DiT's loss may weigh more.
+                "mask": tfds.features.Tensor(
+                    shape=shape[:2], dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB
                 ),
                 **common,
             }

@@ -202,6 +202,7 @@ def training_loss(
     x0: Array,
     rng: Array,
     prediction: Prediction = "epsilon",
+    weights: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """One Monte-Carlo estimate of the denoising loss for a batch of clean latents.
 
@@ -209,6 +210,7 @@ def training_loss(
     on channels and the audio window). With learned sigma the model returns 2C channels;
     only the first C (the mean) enter this MSE. ADM's variational-bound term for the sigma
     half is not implemented, so learn_sigma models get no signal for that half here.
+    `weights` (broadcastable to x0, e.g. (B, h, w, 1)) weigh the squared error per element.
 
     Returns (scalar loss, aux) with aux = {"t": (B,), "loss_per_example": (B,)}.
     """
@@ -218,5 +220,8 @@ def training_loss(
     x_t = q_sample(schedule, x0, t, noise)
     pred = model_fn(x_t, t)[..., : x0.shape[-1]]
     target = target_for(prediction, schedule, x0, noise, t)
-    per_example = mean_flat(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
+    squared = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32))
+    if weights is not None:
+        squared = squared * weights
+    per_example = mean_flat(squared)
     return jnp.mean(per_example), {"t": t, "loss_per_example": per_example}

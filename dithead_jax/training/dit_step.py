@@ -6,6 +6,8 @@ A stage-2 batch (from `data/pipelines.dit_dataset`, made global by `make_global_
     masked_latent     (B, h, w, C)  z_m, the masked frame's latent
     reference_latent  (B, h, w, C)  z_r, a frame of the same video >= 60 frames away
     audio             (B, W, D)     the 11 x 33 audio window
+    mask              (B, h, w)     lower-face alpha on the latent grid (only with
+                                    DiffusionConfig.mask_weight > 0)
 
 The model sees channels-last concat [z_t, z_m, z_r] (B, h, w, 3C) and predicts eps (or v).
 
@@ -27,6 +29,7 @@ from jax.sharding import NamedSharding
 
 from dithead_jax import sharding
 from dithead_jax.config import DiffusionConfig, DiTConfig, TrainConfig
+from dithead_jax.data import masks
 from dithead_jax.diffusion import schedule as diffusion
 from dithead_jax.training.state import (
     StateSetup,
@@ -42,6 +45,11 @@ Metrics = dict[str, Array]
 BATCH_KEYS = ("latent", "masked_latent", "reference_latent", "audio")
 
 
+def batch_keys(diffusion_config: DiffusionConfig) -> tuple[str, ...]:
+    """The batch entries a step reads: BATCH_KEYS, plus the mask for a mask-weighted loss."""
+    return BATCH_KEYS + (("mask",) if diffusion_config.mask_weight else ())
+
+
 def model_input(z_t: Array, batch: Batch) -> Array:
     """[z_t, z_m, z_r] concatenated on channels: (B, h, w, C) x 3 -> (B, h, w, 3C)."""
     return jnp.concatenate([z_t, batch["masked_latent"], batch["reference_latent"]], axis=-1)
@@ -53,8 +61,10 @@ def dit_loss(
     rng: Array,
     schedule: diffusion.Schedule,
     prediction: diffusion.Prediction,
+    mask_weight: float = 0.0,
 ) -> tuple[Array, dict[str, Array]]:
-    """Denoising MSE for one batch: t ~ U[0, T), eps ~ N(0, I), z_t = q_sample(z_0, t, eps).
+    """Denoising MSE for one batch: t ~ U[0, T), eps ~ N(0, I), z_t = q_sample(z_0, t, eps),
+    weighted 1 + mask_weight * alpha inside the lower-face mask when mask_weight > 0.
 
     Returns (scalar loss, aux) as `diffusion.training_loss` does.
     """
@@ -62,7 +72,14 @@ def dit_loss(
     def model_fn(z_t: Array, t: Array) -> Array:
         return model(model_input(z_t, batch), t, batch["audio"])
 
-    return diffusion.training_loss(model_fn, schedule, batch["latent"], rng, prediction)
+    weights = None
+    if mask_weight:
+        if "mask" not in batch:
+            raise ValueError("diffusion.mask_weight > 0 needs batches with a 'mask'")
+        weights = masks.loss_weights(jnp.asarray(batch["mask"], jnp.float32), mask_weight)
+    return diffusion.training_loss(
+        model_fn, schedule, batch["latent"], rng, prediction, weights=weights
+    )
 
 
 def make_train_step(
@@ -87,7 +104,14 @@ def make_train_step(
 
         def loss_of(params: nnx.State) -> tuple[Array, dict[str, Array]]:
             model = nnx.merge(graphdef, params)
-            return dit_loss(model, batch, rng, schedule, diffusion_config.prediction)
+            return dit_loss(
+                model,
+                batch,
+                rng,
+                schedule,
+                diffusion_config.prediction,
+                diffusion_config.mask_weight,
+            )
 
         (loss, _), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)

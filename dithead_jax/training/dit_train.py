@@ -41,6 +41,9 @@ class DiTRun:
 
     @classmethod
     def from_config(cls, config: Any) -> DiTRun:
+        weight = config.diffusion.get("mask_weight", 0.0)
+        if weight < 0:
+            raise ValueError(f"diffusion.mask_weight must be >= 0, got {weight}")
         return cls(
             model=cfg.from_dict(cfg.DiTConfig, config.model),
             diffusion=cfg.from_dict(cfg.DiffusionConfig, config.diffusion),
@@ -77,6 +80,7 @@ def dit_batches(run: DiTRun, *, shuffle: bool = True, seed_offset: int = 0) -> I
         batch_size=per_host,
         seed=run.train.seed + seed_offset,
         min_reference_distance=run.data.min_reference_distance,
+        with_mask=bool(run.diffusion.mask_weight),
         shuffle=shuffle,
     )
     return iter(dataset)
@@ -108,7 +112,7 @@ def build_task(
         # A fixed, unshuffled batch: the preview shows the same examples at every step.
         preview_batch = next(dit_batches(run, shuffle=False, seed_offset=1))
 
-    to_global = loop.global_batcher(dit_step.BATCH_KEYS, batch_sharding)
+    to_global = loop.global_batcher(dit_step.batch_keys(run.diffusion), batch_sharding)
 
     # ---- Model and sharded state ---------------------------------------------------------
     tx = make_optimizer(run.train)

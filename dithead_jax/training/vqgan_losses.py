@@ -45,6 +45,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from dithead_jax.config import VQGANLossConfig
+from dithead_jax.data import masks
 from dithead_jax.models.discriminator import NLayerDiscriminator
 from dithead_jax.models.lpips import LPIPS
 from dithead_jax.models.vqgan import VQGAN, constrain
@@ -66,8 +67,7 @@ def l1_weights(batch: Batch, cfg: VQGANLossConfig) -> Float[Array, "b h w 1"] | 
         return None
     if not isinstance(batch, Mapping) or "mask" not in batch:
         raise ValueError("loss.mask_weight > 0 needs batches with a 'mask' (alpha in [0, 1])")
-    weights = 1.0 + cfg.mask_weight * jnp.asarray(batch["mask"], jnp.float32)[..., None]
-    return weights / jnp.mean(weights)
+    return masks.loss_weights(jnp.asarray(batch["mask"], jnp.float32), cfg.mask_weight)
 
 
 def disc_factor(step: jax.Array | int, cfg: VQGANLossConfig) -> jax.Array:

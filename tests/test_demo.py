@@ -1,0 +1,42 @@
+"""demo.py's verdict: read from the evaluation report, per reference mode."""
+
+import json
+
+import demo
+
+
+def _report(tmp_path, modes):
+    first = next(iter(modes.values()))
+    report = {
+        "sync": {
+            "correlation": first["sync"],
+            "control_correlation": first["sync_control"],
+            "expert_calibration": 0.97,
+            "vqgan_ceiling": 0.6,
+        },
+        "modes": modes,
+    }
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "report.json").write_text(json.dumps(report))
+    return demo.summary(tmp_path, {"render": 10.0, "dit": 20.0}, [["render"], ["dit"]])
+
+
+def test_verdict_names_the_default_mode_the_widest_margin_and_who_meets_the_bar(tmp_path):
+    text = _report(
+        tmp_path,
+        {
+            "x0_same_step": {"sync": 0.55, "sync_control": 0.05},
+            "fixed": {"sync": 0.85, "sync_control": 0.40},
+            "final": {"sync": 0.82, "sync_control": 0.10},
+        },
+    )
+    assert "(x0_same_step references, the sampler's default): correlation **0.550**" in text
+    assert "widest margin over the control: final, 0.820 against 0.100" in text
+    # fixed clears 0.8 but only 0.45 above its control; final clears both.
+    assert "**met by final**" in text
+    assert "| **wall time** (stages joined by + ran side by side) | 30 |" in text
+
+
+def test_verdict_when_no_mode_meets_the_bar(tmp_path):
+    text = _report(tmp_path, {"x0_same_step": {"sync": 0.41, "sync_control": 0.02}})
+    assert "**not met**" in text and "widest margin over the control: x0_same_step" in text
