@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dit-steps", type=int, default=1000)
     p.add_argument("--steps", type=int, default=10, help="DDIM steps when sampling")
     p.add_argument("--eval-clips", type=int, default=4, help="held-out clips evaluated")
-    p.add_argument("--eval-frames", type=int, default=40, help="frames per evaluated clip")
+    p.add_argument("--eval-frames", type=int, default=32, help="frames per evaluated clip")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args(argv)
