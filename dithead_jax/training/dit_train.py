@@ -41,16 +41,16 @@ class DiTRun:
 
     @classmethod
     def from_config(cls, config: Any) -> DiTRun:
-        weight = config.diffusion.get("mask_weight", 0.0)
-        if weight < 0:
-            raise ValueError(f"diffusion.mask_weight must be >= 0, got {weight}")
-        return cls(
+        run = cls(
             model=cfg.from_dict(cfg.DiTConfig, config.model),
             diffusion=cfg.from_dict(cfg.DiffusionConfig, config.diffusion),
             train=cfg.from_dict(cfg.TrainConfig, config.train),
             mesh=sharding.mesh_config(config.mesh),
             data=cfg.from_dict(cfg.DataConfig, config.data),
         )
+        if run.diffusion.mask_weight < 0:
+            raise ValueError(f"diffusion.mask_weight must be >= 0, got {run.diffusion.mask_weight}")
+        return run
 
 
 def _check_batch(batch: Mapping[str, np.ndarray], model: cfg.DiTConfig) -> None:
