@@ -10,7 +10,7 @@ JOBS ?= 2
 # Debian's 68-point dlib predictor (offline landmarks); sudo only when not root.
 APT_INSTALL := $(if $(filter 0,$(shell id -u)),,sudo) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$$0"'
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test lint format bench multihost clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,15 @@ format: setup
 
 bench: setup
 	$(PY) bench/synthetic.py
+
+# The tiny DiT on random latents as 2 processes x 4 CPU devices through jax.distributed
+# (scripts/multihost.py; logs in $(MH_WORKDIR)/process_*.log). Re-run to resume.
+MH_WORKDIR ?= /tmp/dithead-multihost
+multihost: setup
+	test -d $(MH_WORKDIR)/latents/dataset || $(PY) tests/stage2_data.py $(MH_WORKDIR)/latents
+	$(PY) scripts/multihost.py --processes 2 --devices 4 -- --config configs/dit.py:testing \
+		--workdir $(MH_WORKDIR)/run --config.data.dir=$(MH_WORKDIR)/latents \
+		--config.train.progress=none
 
 clean:
 	rm -rf $(DEMO) .pytest_cache .ruff_cache

@@ -4,18 +4,29 @@
         [--reference x0_same_step|noisy_same_step|fixed|final] [--seed 0] [--side-by-side]
     python sample.py --workdir W --eval --dataset STAGE1 [--split test] [--max-clips N]
         [--steps 50] [--modes x0_same_step,...] [--synthetic DIR] --out REPORT_DIR
+        [--coordinator_address HOST:PORT --num_processes N --process_id I]
 
 W is a train.py DiT workdir; the VQGANs and audio features are found from it. Video mode
 preprocesses V as data/preprocess.py does, drives it with A (audio longer than the video
 loops the video back and forth; shorter audio trims it), pastes each generated face back
 through its crop box with the soft lower-face mask and writes O.mp4 with A as its sound.
+
+--eval also runs as several processes (`jax.distributed`: the three flags on a bare launch,
+or a cluster JAX detects): each process generates a contiguous share of the clips on its
+own devices and writes their side-by-side videos; process 0 writes the one report, equal
+to a one-process run's. Video mode is one process.
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from dithead_jax.cli import check_writable_dir, fail
+from dithead_jax.cli import (
+    add_distributed_args,
+    check_writable_dir,
+    fail,
+    initialize_distributed,
+)
 
 PROG = "sample.py"
 MODES = ("x0_same_step", "noisy_same_step", "fixed", "final")
@@ -43,6 +54,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weights", help="folder of metric weights (sets $DITHEAD_WEIGHTS)")
     p.add_argument("--metrics", default="lpips,fid,lse",
                    help="network metrics besides PSNR/SSIM ('' for none)")  # fmt: skip
+    add_distributed_args(p)
     args = p.parse_args(argv)
     if args.steps < 1:
         fail(PROG, f"--steps must be >= 1 (got {args.steps})")
@@ -128,6 +140,12 @@ def generate_video(args: argparse.Namespace, models) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    # Before anything touches a device.
+    initialize_distributed(PROG, args.coordinator_address, args.num_processes, args.process_id)
+    import jax
+
+    if not args.eval and jax.process_count() > 1:
+        fail(PROG, "video mode runs as one process (only --eval splits work across processes)")
     if args.weights:  # the one documented place every weight lookup reads
         import os
 
@@ -161,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate(models, Path(args.dataset), out, options)
     except (FileNotFoundError, ValueError) as e:
         fail(PROG, str(e), code=1)
+    if jax.process_index() != 0:
+        return 0
     print(f"wrote {out / 'report.md'}: " + ", ".join(
         f"{k} {v:.4g}" for k, v in report["metrics"].items() if v is not None))  # fmt: skip
     return 0

@@ -8,20 +8,35 @@
 The config's `stage` picks the trainer (configs/vqgan.py sets "vqgan"; DiT configs "dit").
 DiT variants: testing (tiny; a short CPU run), S_2, B_2, L_2, XL_2. Re-running with the same
 --workdir resumes from its newest checkpoint. TensorBoard event files go to --workdir.
-Multi-host jobs (TPU pods, SLURM, MPI, or JAX_COORDINATOR_ADDRESS set) initialise
-jax.distributed automatically; run the same command on every host.
+Multi-host jobs (TPU pods, SLURM, MPI, Kubernetes, or JAX_COORDINATOR_ADDRESS set)
+initialise jax.distributed automatically; run the same command on every host. A bare launch
+names the coordinator itself, on each process I of N:
+
+    python train.py ... --coordinator_address HOST:PORT --num_processes N --process_id I
+
+--workdir may be a local path or a URL Orbax and tensorboardX write to (gs://bucket/run).
+Exit status: 0 finished, 75 (EX_TEMPFAIL) preempted with its checkpoint saved (requeue it),
+1 stopped on a non-finite loss, 2 bad flags, config or data.
 """
 
 from __future__ import annotations
 
 import logging as py_logging
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dithead_jax.cli import DISTRIBUTED_HELP
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config, e.g. configs/dit.py:L_2")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and TensorBoard files go here.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, DISTRIBUTED_HELP["coordinator_address"]
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, DISTRIBUTED_HELP["num_processes"])
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, DISTRIBUTED_HELP["process_id"])
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -39,12 +54,11 @@ def main(argv: list[str]) -> None:
 
     import jax
 
-    from dithead_jax import sharding
+    from dithead_jax.cli import fail, initialize_distributed, run_dir
 
     # Before anything touches a device: multi-host jobs must agree on the device set.
-    sharding.maybe_initialize_distributed()
+    initialize_distributed("train.py", _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
-    from dithead_jax.cli import check_writable_dir, fail
     from dithead_jax.training import dit_train, loop, vqgan_train
 
     trainers = {
@@ -56,12 +70,10 @@ def main(argv: list[str]) -> None:
         fail("train.py", f"config.stage must be one of {sorted(trainers)}, got {stage!r}")
     run_type, build_task = trainers[stage]
 
-    workdir = _WORKDIR.value
-    if "://" not in workdir:  # gs:// and friends go straight to Orbax / tensorboardX
-        workdir = str(check_writable_dir("train.py", workdir))
-        if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-            # A resumed run (after preemption, say) then skips recompiling its step.
-            jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+    workdir = run_dir("train.py", _WORKDIR.value)  # gs://... stays a URL
+    if "://" not in str(workdir) and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        # A resumed run (after preemption, say) then skips recompiling its step.
+        jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
     try:  # bad config or data: one line, no traceback
         run = run_type.from_config(_CONFIG.value)
         task = build_task(_CONFIG.value)
@@ -74,6 +86,9 @@ def main(argv: list[str]) -> None:
     what = "preempted at" if result.preempted else "finished at"
     logging.info("Training %s step %d (resumed from step %d).",
                  what, result.final_step, result.start_step)  # fmt: skip
+    if result.preempted:
+        logging.flush()
+        sys.exit(loop.EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

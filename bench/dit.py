@@ -1,20 +1,22 @@
 """Benchmark the stage-2 DiT; prints one JSON line per measurement.
 
     python bench/dit.py [--sizes S_2,B_2] [--batch 2] [--repeats 3] [--skip-compile]
-        [--compile-sizes L_2,XL_2] [--compile-batch 256] [--layouts loop,scan+remat]
+        [--compile-sizes L_2,XL_2] [--compile-batch 64] [--layouts scan,loop,...]
+        [--dtypes bfloat16,float32] [--presets "dp;fsdp;fsdp_tp;data=2,fsdp=4"]
+        [--out bench/results/dit_memory.json] [--append]
 
 1. `gemm`: this machine's f32 GEMM peak (2048^3 jit matmul, best of 5): the yardstick.
 2. `speed`: forward and full train-step seconds (loss, gradient, AdamW, EMA; compile
    excluded, best of --repeats) for each of --sizes at 64x64 latents (1024 tokens), with
    achieved GFLOP/s from the analytic model FLOPs (`dit_step.dit_forward_flops`; a train
    step = 3x forward) next to XLA's own count from the compiled cost analysis.
-3. `compiled`: for --compile-sizes at global batch --compile-batch on an 8-device CPU mesh
-   under the fsdp and fsdp_tp presets, the per-device cost and memory analysis of the
-   compiled train step (`jit(...).lower(abstract state, abstract batch).compile()`).
-   Nothing is allocated: the state is abstract. `temp` is dominated by the (B, heads, L, L)
-   attention matrices XLA's CPU attention keeps for the backward pass. Layouts: "loop"
-   (the default model), "loop+remat" (remat_policy=full; XLA:CPU schedules it without
-   saving memory), "scan+remat" (scan_layers + full remat: one layer's activations live).
+3. `compiled`: for --compile-sizes at global batch --compile-batch (64 on 8 devices: the
+   8-device share of the paper-like 256 on 32) under each preset, layout and compute dtype,
+   the per-device memory (argument / output / temp / total) and FLOPs of the compiled train
+   step (`jit(...).lower(abstract state, abstract batch).compile()`; nothing is
+   allocated). Layouts: "loop", "scan" (scan_layers) and "scan+remat:<policy>" for each
+   remat policy. Written to --out (kept in the repo: bench/results/dit_memory.json) after
+   every compile, so regressions show in review; --append resumes a partial sweep.
    Runs in a child process because the 8 simulated devices must be configured before jax
    starts (and would split the CPU between them for part 2).
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -32,6 +35,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,10 +43,9 @@ sys.path.insert(0, str(ROOT))
 from dithead_jax import sharding  # noqa: E402
 from dithead_jax.config import DiffusionConfig, DiTConfig, TrainConfig  # noqa: E402
 from dithead_jax.models.dit import DiT  # noqa: E402
-from dithead_jax.training import dit_step  # noqa: E402
+from dithead_jax.training import dit_step, dit_train  # noqa: E402
 from dithead_jax.training.metrics import measure_gemm_flops  # noqa: E402
 from dithead_jax.training.state import (  # noqa: E402
-    abstract_train_state,
     create_train_state,
     make_optimizer,
 )
@@ -93,7 +96,6 @@ def speed(size: str, batch: int, repeats: int) -> dict:
     graphdef = setup.graphdef
 
     def forward(params, data):
-        from flax import nnx
 
         z = data["latent"]
         x = jnp.concatenate([z, data["masked_latent"], data["reference_latent"]], axis=-1)
@@ -138,66 +140,114 @@ def speed(size: str, batch: int, repeats: int) -> dict:
     }
 
 
-def compiled_analysis(size: str, preset: str, global_batch: int, layout: str) -> dict:
-    """Per-device cost / memory of DiT-{size}'s train step, compiled for 8 devices.
+LAYOUTS = (
+    "scan+remat:nothing_saveable",
+    "scan+remat:dots_with_no_batch_dims_saveable",
+    "scan+remat:dots_saveable",
+    "scan",
+    "loop",
+)
 
-    layout: "loop" (the default model), "loop+remat" (remat_policy="full"), or
-    "scan+remat" (scan_layers=True, remat_policy="full").
-    """
-    if layout not in ("loop", "loop+remat", "scan+remat"):
-        raise ValueError(f"unknown layout {layout!r}")
-    remat = "full" if layout.endswith("+remat") else "none"
-    scan = layout.startswith("scan")
-    cfg = DiTConfig.named(size, remat_policy=remat, scan_layers=scan)
+
+def _layout_config(size: str, layout: str, dtype: str) -> DiTConfig:
+    """layout: "loop" (the default model), "scan" (scan_layers), "loop+remat:<policy>" or
+    "scan+remat:<policy>" (`DiTConfig.remat_policy`; nothing_saveable is "full")."""
+    base, _, policy = layout.partition(":")
+    if base not in ("loop", "scan", "loop+remat", "scan+remat") or bool(policy) != base.endswith(
+        "+remat"
+    ):
+        raise ValueError(f"unknown layout {layout!r}; e.g. loop, scan, scan+remat:dots_saveable")
+    remat = {"": "none", "nothing_saveable": "full"}.get(policy, policy)
+    return DiTConfig.named(
+        size, remat_policy=remat, scan_layers=base.startswith("scan"), dtype=dtype
+    )
+
+
+def compiled_analysis(size: str, preset: str, global_batch: int, layout: str, dtype: str) -> dict:
+    """Per-device cost / memory of DiT-{size}'s train step, compiled for this host's devices
+    (8 simulated CPUs in the child process), traced as the trainer traces it: on the mesh
+    and under the DiT's activation rules."""
+    cfg = _layout_config(size, layout, dtype)
     train = TrainConfig(global_batch_size=global_batch)
     mesh = sharding.make_mesh(preset)
-    setup = abstract_train_state(
-        lambda r: DiT(cfg, rngs=r), make_optimizer(train), mesh=mesh, rules=sharding.DIT_RULES
-    )
-    batch_sharding = sharding.batch_sharding(sharding.DIT_RULES, mesh)
-    latent = (global_batch, cfg.input_size, cfg.input_size, cfg.latent_channels)
-    batch = {
-        k: jax.ShapeDtypeStruct(latent, jnp.float32, sharding=batch_sharding)
-        for k in ("latent", "masked_latent", "reference_latent")
-    }
-    audio = (global_batch, cfg.audio_window, cfg.audio_dim)
-    batch["audio"] = jax.ShapeDtypeStruct(audio, jnp.float32, sharding=batch_sharding)
-    step = dit_step.jit_train_step(
-        dit_step.make_train_step(setup, DiffusionConfig(), train), setup, batch_sharding
-    )
+    rules = sharding.DIT_RULES
+    # LLVM -O0: buffer assignment (the memory figures) is decided before LLVM runs.
     start = time.perf_counter()
-    with jax.set_mesh(mesh):
-        compiled = step.lower(setup.abstract, batch).compile()
+    setup, lowered = dit_train.lower_train_step(
+        cfg, train, mesh, compiler_options=dit_step.FAST_COMPILE_CPU
+    )
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     gib = 2.0**30
     cost = _cost(compiled)
     analytic = dit_step.dit_train_flops(cfg, global_batch) / mesh.size
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract.params))
+    hlo = compiled.as_text()
+    total = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
     record = {
-        "bench": "dit_compiled",
         "model": f"DiT-{size.replace('_', '/')}",
         "mesh": preset,
         "mesh_shape": dict(mesh.shape),
         "global_batch": global_batch,
+        "per_device_batch": global_batch // sharding.batch_shards(rules, mesh),
         "layout": layout,
+        "dtype": dtype,
         "params_M": round(params / 1e6, 1),
         "per_device": {
-            "xla_tflops": round(cost["flops"] / 1e12, 2),
-            "analytic_model_tflops": round(analytic / 1e12, 2),
-            "bytes_accessed_gib": round(cost["bytes accessed"] / gib, 2),
+            "xla_tflops": round(cost["flops"] / 1e12, 3),
+            "analytic_model_tflops": round(analytic / 1e12, 3),
             "argument_gib": round(memory.argument_size_in_bytes / gib, 3),
             "output_gib": round(memory.output_size_in_bytes / gib, 3),
             "alias_gib": round(memory.alias_size_in_bytes / gib, 3),
-            "temp_gib": round(memory.temp_size_in_bytes / gib, 2),
-            "generated_code_mib": round(memory.generated_code_size_in_bytes / 2**20, 1),
+            "temp_gib": round(memory.temp_size_in_bytes / gib, 3),
+            # Peak estimate: state in + state out (donated, so aliased once) + scratch.
+            "total_gib": round(total / gib, 3),
+        },
+        "collectives": {
+            op: len(re.findall(rf" {op}\(", hlo))
+            for op in ("all-gather", "all-reduce", "reduce-scatter", "all-to-all")
         },
         "compile_s": round(compile_s, 1),
-        "backend": jax.default_backend(),
     }
-    if scan:  # XLA's cost analysis counts a while loop's body once
+    if layout.startswith("scan"):  # XLA's cost analysis counts a while loop's body once
         record["per_device"]["xla_tflops_counts_one_layer_of_the_scan"] = True
     return record
+
+
+def compile_sweep(args: argparse.Namespace) -> None:
+    """Part 3, in the 8-device child: one record per (size, dtype, layout, preset), written
+    to --out after every compile so a partial sweep still leaves its results."""
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() and args.append else None
+    if not results:
+        results = {
+            "what": "per-device compiled memory/FLOPs of the DiT train step (bench/dit.py)",
+            "date": time.strftime("%Y-%m-%d", time.gmtime()),
+            "jax": jax.__version__,
+            "backend": f"{jax.default_backend()} x {jax.device_count()} (simulated)",
+            "note": "global batch 64 on 8 devices = the 8-device share of 256 on 32; "
+            "total = argument + output - alias + temp",
+            "records": [],
+        }
+    done = {(r["model"], r["dtype"], r["layout"], r["mesh"]) for r in results["records"]}
+    for size in filter(None, args.compile_sizes.split(",")):
+        for dtype in args.dtypes.split(","):
+            for layout in args.layouts.split(","):
+                for preset in args.presets.split(";"):
+                    key = (f"DiT-{size.replace('_', '/')}", dtype, layout, preset)
+                    if key in done:
+                        continue
+                    record = compiled_analysis(size, preset, args.compile_batch, layout, dtype)
+                    _emit({"bench": "dit_compiled", **record})
+                    results["records"].append(record)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_text(json.dumps(results, indent=1) + "\n")
 
 
 def main() -> None:
@@ -206,21 +256,27 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile-sizes", default="L_2,XL_2")
-    parser.add_argument("--compile-batch", type=int, default=256)
-    parser.add_argument("--layouts", default="loop,scan+remat", help="loop, loop+remat, scan+remat")
+    parser.add_argument("--compile-batch", type=int, default=64)
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), help="comma-separated")
+    parser.add_argument("--dtypes", default="bfloat16,float32")
+    parser.add_argument("--presets", default="dp;fsdp;fsdp_tp;data=2,fsdp=4", help="';'-separated")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "dit_memory.json"))
+    parser.add_argument("--append", action="store_true", help="keep --out's records, add missing")
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for layout in args.layouts.split(","):
+        try:
+            _layout_config("S_2", layout, "float32")
+        except ValueError as e:
+            parser.error(f"--layouts: {e}")
 
     if args.compile_only:  # the child process of part 3
         if jax.device_count() != 8:
             raise SystemExit(
                 "--compile-only wants XLA_FLAGS=--xla_force_host_platform_device_count=8"
             )
-        for size in filter(None, args.compile_sizes.split(",")):
-            for layout in args.layouts.split(","):
-                for preset in ("fsdp", "fsdp_tp"):
-                    _emit(compiled_analysis(size, preset, args.compile_batch, layout))
+        compile_sweep(args)
         return
 
     gemm = measure_gemm_flops(n=2048, repeats=5)
@@ -235,8 +291,18 @@ def main() -> None:
         env = dict(os.environ, JAX_PLATFORMS="cpu")
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                             " --xla_force_host_platform_device_count=8").strip()  # fmt: skip
-        cmd = [sys.executable, __file__, "--compile-only", f"--compile-sizes={args.compile_sizes}",
-               f"--compile-batch={args.compile_batch}", f"--layouts={args.layouts}"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--compile-only",
+            f"--compile-sizes={args.compile_sizes}",
+            f"--compile-batch={args.compile_batch}",
+            f"--layouts={args.layouts}",
+            f"--dtypes={args.dtypes}",
+            f"--presets={args.presets}",
+            f"--out={args.out}",
+        ]
+        cmd += ["--append"] if args.append else []  # fmt: skip
         subprocess.run(cmd, env=env, check=True)
 
 

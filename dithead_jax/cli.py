@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import NoReturn
+
+from etils import epath
 
 
 def fail(prog: str, message: str, code: int = 2) -> NoReturn:
@@ -25,3 +28,43 @@ def check_writable_dir(prog: str, path: str | os.PathLike) -> Path:
     except OSError as e:
         fail(prog, f"cannot write to {path}: {e.strerror or e}")
     return path
+
+
+def run_dir(prog: str, value: str | os.PathLike) -> epath.Path:
+    """A run's --workdir as an `epath.Path`: a URL (gs://bucket/run) is kept as it is --
+    Orbax and tensorboardX write there directly, and it cannot be probed without network --
+    while a local path is created, checked writable and made absolute."""
+    text = os.fspath(value)
+    if "://" in text:
+        return epath.Path(text)
+    return epath.Path(check_writable_dir(prog, text).resolve())
+
+
+DISTRIBUTED_HELP = {
+    "coordinator_address": "HOST:PORT of process 0's jax.distributed service (bare launches; "
+    "leave unset on TPU pods, SLURM, MPI, Kubernetes: detected)",
+    "num_processes": "Number of processes in a bare launch (with --coordinator_address).",
+    "process_id": "This process's index in [0, num_processes) in a bare launch.",
+}
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    """--coordinator_address / --num_processes / --process_id for argparse programs."""
+    parser.add_argument("--coordinator_address", help=DISTRIBUTED_HELP["coordinator_address"])
+    parser.add_argument("--num_processes", type=int, help=DISTRIBUTED_HELP["num_processes"])
+    parser.add_argument("--process_id", type=int, help=DISTRIBUTED_HELP["process_id"])
+
+
+def initialize_distributed(
+    prog: str,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+    """`distributed.initialize` with bad flags reported as one line (see that module)."""
+    from dithead_jax import distributed
+
+    try:
+        return distributed.initialize(coordinator_address, num_processes, process_id)
+    except ValueError as e:
+        fail(prog, str(e))

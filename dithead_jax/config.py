@@ -114,7 +114,9 @@ class DiTConfig:
     # (the "before cross-attention" model whose size DESIGN.md quotes; an ablation).
     cross_attention: bool = True
     learn_sigma: bool = False
-    attention_impl: str | None = None  # None | "xla" | "cudnn" for jax.nn.dot_product_attention
+    # None | "auto" | "xla" | "cudnn" | "splash" (layers.resolve_attention): "auto" is cuDNN
+    # flash attention on GPU in bf16, the Pallas splash kernel on TPU, XLA elsewhere.
+    attention_impl: str | None = None
     remat_policy: str = "none"  # "none" | "full" | "dots_saveable" | ...
     scan_layers: bool = False
     dtype: str = "float32"  # compute dtype; params stay float32
@@ -174,11 +176,26 @@ class DiffusionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh ('data', 'fsdp', 'tensor'); one axis may be -1 = all remaining devices."""
+    """Device mesh ('data', 'fsdp', 'tensor'); one axis may be -1 = all remaining devices.
+
+    Multi-slice (TPU slices joined by the data-centre network, or GPU hosts whose own
+    links are much faster than the network between them): `dcn_*` > 1 splits that axis
+    across slices as well. `data`, `fsdp`, `tensor` are then sizes *within* one slice
+    (ICI; the -1 resolves against one slice's devices) and each mesh axis is ici x dcn
+    large: `fsdp=-1, dcn_data=2` is FSDP inside each slice, data parallel across two.
+    Put data parallelism on DCN: it crosses the slow link once per step (the gradient
+    reduction); FSDP's per-layer all-gathers belong on ICI.
+    """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+
+    @property
+    def num_slices(self) -> int:
+        return self.dcn_data * self.dcn_fsdp
 
     @classmethod
     def preset(cls, name: str) -> MeshConfig:

@@ -1,4 +1,5 @@
-"""Random stage-2 records for training tests (random arrays stand in for VQGAN latents)."""
+"""Small record sets for training tests: stage-1 clips of given frames, and random stage-2
+records (random arrays stand in for VQGAN latents)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,37 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # when run as a script
 
 from dithead_jax.data import records  # noqa: E402
+
+
+def write_stage1_clip(
+    out_dir: str | Path,
+    frames: np.ndarray,
+    mask: np.ndarray,
+    *,
+    masked_frames: np.ndarray | None = None,
+    name: str = "clip0",
+) -> Path:
+    """One finalized stage-1 clip: (T, S, S, 3) uint8 `frames`, (T, S, S) uint8 `mask`;
+    the masked frames default to the frames (a frames-VQGAN run never reads them)."""
+    t, size = len(frames), frames.shape[1]
+    writer = records.DatasetWriter(
+        out_dir, "stage1", image_size=size, audio_window=11, audio_dim=33, image_encoding="png"
+    )
+    writer.write_video(
+        "train",
+        name,
+        {
+            "frame": frames,
+            "masked_frame": frames if masked_frames is None else masked_frames,
+            "mask": mask,
+            "landmarks": np.zeros((t, 68, 2), np.float32),
+            "crop_box": np.zeros((t, 4), np.float32),
+            "source_size": np.full((t, 2), size, np.int32),
+            "audio": np.zeros((t, 11, 33), np.float32),
+        },
+        identity="id0",
+    )
+    return Path(writer.finalize())
 
 
 def write_random_stage2(

@@ -357,6 +357,53 @@ def test_attention_impl_is_passed_through():
     assert out.shape == (B, 16, 16, 3)
 
 
+def test_attention_auto_resolution():
+    resolve = layers.resolve_attention
+    bf16, f32 = jnp.bfloat16, jnp.float32
+    assert resolve("auto", bf16) == "xla"  # this CPU
+    assert resolve("auto", bf16, platform="gpu") == "cudnn"
+    assert resolve("auto", jnp.float16, platform="cuda") == "cudnn"
+    assert resolve("auto", f32, platform="gpu") == "xla"  # cuDNN has no f32 flash kernel
+    assert resolve("auto", f32, platform="tpu") == "splash"
+    assert resolve("auto", bf16, self_attention=False, platform="tpu") == "xla"
+    assert resolve("auto", bf16, self_attention=False, platform="gpu") == "xla"
+    assert resolve("splash", bf16, self_attention=False) == "xla"
+    assert resolve(None, bf16, platform="gpu") is None and resolve("cudnn", f32) == "cudnn"
+    with pytest.raises(ValueError, match="attention_impl 'flash'"):
+        resolve("flash", f32)
+
+
+def test_attention_auto_equals_reference_on_cpu(reference):
+    model = variant(reference, attention_impl="auto")
+    np.testing.assert_array_equal(forward(model, *reference["args"]), reference["out"])
+
+
+def test_splash_attention_lowers_for_tpu_on_a_mesh():
+    """The TPU kernel cannot run here, but JAX lowers Pallas TPU kernels on any host: the
+    self-attention becomes a Mosaic custom call inside a shard_map over batch and heads,
+    forward and backward; the cross-attention (12 keys) stays XLA."""
+    from dithead_jax import sharding
+
+    cfg = DiTConfig.testing(
+        input_size=32, hidden_size=128, num_heads=2, depth=1, attention_impl="splash"
+    )
+    model = abstract(cfg)
+    assert model.blocks[0].attn.implementation == "splash"
+    graphdef, params = nnx.split(model)
+
+    def loss(params, x, t, audio):
+        return jnp.sum(nnx.merge(graphdef, params)(x, t, audio))
+
+    args = [jax.ShapeDtypeStruct((8, *a.shape[1:]), a.dtype) for a in inputs(cfg)]
+    mesh = sharding.make_mesh("fsdp_tp")
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.DIT_RULES):
+        traced = jax.jit(jax.grad(loss)).trace(params, *args)
+        hlo = traced.lower(lowering_platforms=("tpu",)).as_text()
+    # splash kernels: forward, and dq / dkv in the backward pass.
+    assert hlo.count("tpu_custom_call") >= 3
+    assert "sdy.manual_computation" in hlo and '[{"fsdp"}, {}, {"tensor"}, {}]' in hlo
+
+
 def test_timestep_embedding_matches_formula():
     emb = np.asarray(jax.jit(layers.timestep_embedding, static_argnums=1)(jnp.array([0, 10]), 8))
     freqs = np.exp(-math.log(10000) * np.arange(4) / 4)
@@ -364,3 +411,31 @@ def test_timestep_embedding_matches_formula():
         emb[1], np.concatenate([np.cos(10 * freqs), np.sin(10 * freqs)]), rtol=1e-5
     )
     np.testing.assert_allclose(emb[0], [1, 1, 1, 1, 0, 0, 0, 0])
+
+
+def test_splash_kernel_matches_xla_attention_in_the_pallas_interpreter():
+    """The TPU kernel's numerics, run by Pallas' interpreter on this CPU: forward and
+    gradients equal XLA's attention (what "auto" uses here)."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 128, 2, 64)), jnp.float32) for _ in range(3))
+
+    def loss(attend):
+        return lambda q, k, v: jnp.sum(attend(q, k, v) ** 2)
+
+    splash = functools.partial(layers.splash_attention, interpret=True)
+    out, grads = jax.jit(jax.value_and_grad(loss(splash), argnums=(0, 1, 2)))(q, k, v)
+    ref_out, ref_grads = jax.value_and_grad(loss(jax.nn.dot_product_attention), (0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["L_2", "XL_2"])
+def test_paper_run_configs_train_in_bf16_with_scan_remat_and_auto_attention(variant):
+    import configs.dit as dit_configs
+    from dithead_jax.config import from_dict
+
+    model = from_dict(DiTConfig, dit_configs.get_config(variant).model)
+    assert (model.dtype, model.param_dtype) == ("bfloat16", "float32")
+    assert model.scan_layers and model.attention_impl == "auto"
+    assert layers.remat_policy(model.remat_policy) is not None  # a real policy name

@@ -1,4 +1,5 @@
-"""Grain pipelines: shapes, reference-frame rule, host sharding, determinism, exact resume."""
+"""Grain pipelines: shapes, reference-frame rule, host rows of global batches (the same
+batches for any process count), determinism, exact resume."""
 
 from __future__ import annotations
 
@@ -109,17 +110,13 @@ def test_vqgan_batches(stage1_dir):
             target=target,
             shuffle=False,
             random_flip=False,
-            shard_index=0,
-            shard_count=1,
         )
         batch = take(ds, 1)[0]
         assert batch["image"].shape == (4, S, S, 3) and batch["image"].dtype == np.float32
         want = np.stack([source[i][key] for i in range(4)]) / 127.5 - 1.0
         np.testing.assert_allclose(batch["image"], want, atol=1e-6)
     # 16 records / 4 = 4 batches per epoch; flips happen and only ever mirror.
-    ds = pipelines.vqgan_dataset(
-        stage1_dir, batch_size=4, seed=3, num_epochs=1, shard_index=0, shard_count=1
-    )
+    ds = pipelines.vqgan_dataset(stage1_dir, batch_size=4, seed=3, num_epochs=1)
     images = np.concatenate([b["image"] for b in take(ds, 10)])
     assert len(images) == 16 and images.min() >= -1.0 and images.max() <= 1.0
     originals = [source[i]["frame"] / 127.5 - 1.0 for i in range(16)]
@@ -134,7 +131,7 @@ def test_vqgan_batches(stage1_dir):
     crop = S // 2
     ds = pipelines.vqgan_dataset(
         stage1_dir, batch_size=4, crop=crop, random_flip=False, shuffle=False,
-        num_epochs=1, shard_index=0, shard_count=1,
+        num_epochs=1,
     )  # fmt: skip
     images = np.concatenate([b["image"] for b in take(ds, 4)])
     assert images.shape == (16, crop, crop, 3)
@@ -152,7 +149,7 @@ def test_vqgan_batches(stage1_dir):
     # with_mask: each example's alpha is cut and mirrored exactly like its image.
     ds = pipelines.vqgan_dataset(
         stage1_dir, batch_size=4, crop=crop, with_mask=True, shuffle=False,
-        num_epochs=1, shard_index=0, shard_count=1,
+        num_epochs=1,
     )  # fmt: skip
     batches = take(ds, 4)
     masks = np.concatenate([b["mask"] for b in batches])
@@ -202,8 +199,6 @@ def test_dit_batches_and_reference_rule(stage2_dir):
         seed=0,
         num_epochs=1,
         min_reference_distance=MIN_DIST,
-        shard_index=0,
-        shard_count=1,
     )
     batches = take(ds, 100)
     assert len(batches) == n // 8
@@ -264,25 +259,61 @@ def test_dit_batches_without_stored_masks_name_the_fix(tmp_path, stage2_dir, mon
         pipelines.dit_dataset(old.finalize(), batch_size=2, with_mask=True)
 
 
-def test_host_shards_are_disjoint_and_cover(stage2_dir):
+def test_host_rows_split_the_global_batches(stage1_dir, stage2_dir):
+    """Hosts read disjoint rows that together are exactly the one-process batches, random
+    choices included (they depend on the global position, not on the host)."""
     lookup = stage2_lookup(stage2_dir)
-    n = len(lookup["audio"])
-    seen = []
-    for host in range(2):
-        ds = pipelines.dit_dataset(
-            stage2_dir, batch_size=1, seed=5, num_epochs=1, shard_index=host, shard_count=2
-        )
-        seen.append([p for b in take(ds, n) for p in positions_of(b["audio"], lookup)])
-    assert len(seen[0]) == len(seen[1]) == n // 2
-    assert not set(seen[0]) & set(seen[1])
-    assert sorted(seen[0] + seen[1]) == list(range(n // 2 * 2))
+    whole = take(pipelines.dit_dataset(stage2_dir, batch_size=8, seed=5, num_epochs=1), 100)
+    assert len(whole) == len(lookup["audio"]) // 8
+    positions = [p for b in whole for p in positions_of(b["audio"], lookup)]
+    assert len(set(positions)) == len(positions)  # an epoch is a permutation
+    for hosts in (2, 4):
+        parts = []
+        for h in range(hosts):
+            rows = pipelines.default_host_rows(8, h, hosts)
+            assert rows == (h * 8 // hosts, (h + 1) * 8 // hosts)
+            ds = pipelines.dit_dataset(stage2_dir, batch_size=8, seed=5, host_rows=rows)
+            parts.append(take(ds, len(whole) + 2))  # past the epoch boundary
+        later = take(pipelines.dit_dataset(stage2_dir, batch_size=8, seed=5), len(whole) + 2)
+        for k, want in enumerate(later):
+            for key in want:
+                got = np.concatenate([part[k][key] for part in parts])
+                np.testing.assert_array_equal(got, want[key])
+        for k in range(len(whole)):
+            seen = [set(positions_of(part[k]["audio"], lookup)) for part in parts]
+            assert all(len(a & b) == 0 for a in seen for b in seen if a is not b)
+    # Stage 1 too, with random flips and crops.
+    make = lambda rows: pipelines.vqgan_dataset(
+        stage1_dir, batch_size=4, seed=1, crop=S // 2, host_rows=rows
+    )
+    want = take(make(None), 6)
+    halves = [take(make((0, 2)), 6), take(make((2, 4)), 6)]
+    for k in range(6):
+        got = np.concatenate([halves[0][k]["image"], halves[1][k]["image"]])
+        np.testing.assert_array_equal(got, want[k]["image"])
+
+
+def test_host_rows_follow_the_batch_sharding():
+    """One process holds every row; the per-process formula matches jax.make_mesh."""
+    from dithead_jax.training.loop import host_rows
+
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
+    sharding = NamedSharding(mesh, P(("data", "fsdp")))
+    assert host_rows(sharding, 16) == (0, 16) == pipelines.default_host_rows(16)
+    # The rows a process's devices hold: contiguous when its devices are (make_mesh).
+    devices = set(jax.devices()[:4])
+    held = sorted(
+        r
+        for d, index in sharding.devices_indices_map((16,)).items()
+        if d in devices
+        for r in range(16)[index[0]]
+    )
+    assert held == list(range(*pipelines.default_host_rows(16, 0, 2)))
 
 
 def test_deterministic_for_a_seed(stage1_dir, stage2_dir):
     def run(seed):
-        ds = pipelines.dit_dataset(
-            stage2_dir, batch_size=4, seed=seed, shard_index=0, shard_count=1
-        )
+        ds = pipelines.dit_dataset(stage2_dir, batch_size=4, seed=seed)
         return take(ds, 6)
 
     a, b, c = run(0), run(0), run(1)
@@ -290,8 +321,8 @@ def test_deterministic_for_a_seed(stage1_dir, stage2_dir):
         for key in x:
             np.testing.assert_array_equal(x[key], y[key])
     assert not np.array_equal(a[0]["audio"], c[0]["audio"])
-    ds1 = pipelines.vqgan_dataset(stage1_dir, batch_size=2, seed=9, shard_index=0, shard_count=1)
-    ds2 = pipelines.vqgan_dataset(stage1_dir, batch_size=2, seed=9, shard_index=0, shard_count=1)
+    ds1 = pipelines.vqgan_dataset(stage1_dir, batch_size=2, seed=9)
+    ds2 = pipelines.vqgan_dataset(stage1_dir, batch_size=2, seed=9)
     for x, y in zip(take(ds1, 12), take(ds2, 12), strict=True):  # crosses an epoch boundary
         np.testing.assert_array_equal(x["image"], y["image"])
 
@@ -300,10 +331,8 @@ def test_deterministic_for_a_seed(stage1_dir, stage2_dir):
 def test_state_restores_exactly(stage, stage1_dir, stage2_dir):
     def make():
         if stage == "vqgan":
-            return pipelines.vqgan_dataset(
-                stage1_dir, batch_size=3, seed=2, shard_index=0, shard_count=1
-            )
-        return pipelines.dit_dataset(stage2_dir, batch_size=5, seed=2, shard_index=0, shard_count=1)
+            return pipelines.vqgan_dataset(stage1_dir, batch_size=3, seed=2)
+        return pipelines.dit_dataset(stage2_dir, batch_size=5, seed=2)
 
     it = iter(make())
     for _ in range(7):  # 21 samples: past the first stage-1 epoch of 16
@@ -339,19 +368,21 @@ def test_make_global_batch_on_8_devices():
 def test_bad_arguments(stage1_dir):
     with pytest.raises(ValueError, match="target"):
         pipelines.vqgan_dataset(stage1_dir, batch_size=2, target="mask")
-    with pytest.raises(ValueError, match="shard_index"):
-        pipelines.vqgan_dataset(stage1_dir, batch_size=2, shard_index=2, shard_count=2)
-    with pytest.raises(ValueError, match="one batch"):
-        pipelines.vqgan_dataset(stage1_dir, batch_size=64, shard_index=0, shard_count=1)
+    with pytest.raises(ValueError, match="host rows"):
+        pipelines.vqgan_dataset(stage1_dir, batch_size=2, host_rows=(2, 4))
+    with pytest.raises(ValueError, match="process index"):
+        pipelines.default_host_rows(4, 2, 2)
+    with pytest.raises(ValueError, match="does not split"):
+        pipelines.default_host_rows(5, 0, 2)
+    with pytest.raises(ValueError, match="no global batch"):
+        pipelines.vqgan_dataset(stage1_dir, batch_size=64)
 
 
 def test_worker_processes_match_and_resume(stage2_dir):
     """mp_prefetch (spawned workers) yields the in-process batches and resumes exactly."""
 
     def make(workers):
-        return pipelines.dit_dataset(
-            stage2_dir, batch_size=4, seed=4, worker_count=workers, shard_index=0, shard_count=1
-        )
+        return pipelines.dit_dataset(stage2_dir, batch_size=4, seed=4, worker_count=workers)
 
     want = take(make(0), 10)
     it = iter(make(2))

@@ -10,6 +10,7 @@ import functools
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from dithead_jax import sharding
@@ -53,7 +54,7 @@ def test_logical_to_spec_rules():
     # Indivisible dimensions are not split (DiT-S has 6 heads; 6 % 4 != 0).
     wide = sharding.make_mesh("fsdp=2,tensor=4")
     assert sharding.logical_to_spec(("heads", "kv"), rules, wide, (6, 64)) == P(None, None)
-    assert sharding.logical_to_spec(("batch",), rules, wide, (6,)) == P("fsdp")
+    assert sharding.logical_to_spec(("activation_batch",), rules, wide, (6,)) == P("fsdp")
     assert sharding.logical_to_spec((None, "unknown"), rules, mesh) == P(None, None)
     # The VQGAN rules give the tensor axis to the batch and split conv outputs over fsdp.
     vq = sharding.VQGAN_RULES
@@ -63,17 +64,40 @@ def test_logical_to_spec_rules():
     assert sharding.logical_to_spec(("codebook", "codebook_dim"), vq, mesh) == P(None, None)
 
 
-def test_distributed_requested():
-    assert not sharding.distributed_requested({})
-    assert sharding.distributed_requested({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
-    assert sharding.distributed_requested({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"})
-    assert not sharding.distributed_requested({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"})
-    assert sharding.distributed_requested({"OMPI_COMM_WORLD_SIZE": "2"})
-    assert sharding.distributed_requested({"TPU_WORKER_HOSTNAMES": "a,b"})
-    assert not sharding.distributed_requested({"TPU_WORKER_HOSTNAMES": "a"})
-    assert not sharding.distributed_requested(
-        {"DITHEAD_DISTRIBUTED": "0", "OMPI_COMM_WORLD_SIZE": "2"}
-    )
+def test_constrain_resolves_activation_names_against_the_current_mesh_and_rules():
+    mesh = sharding.make_mesh("fsdp_tp")  # fsdp=4, tensor=2
+    names = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+    seen = []
+
+    def f(x):
+        y = sharding.constrain(x, names)
+        seen.append(y is x)
+        return y * 2
+
+    def lower(fn=f):  # a fresh function each time: jax's trace cache ignores flax's rules
+        return jax.jit(lambda x: fn(x)).lower(np.ones((8, 4, 6, 2), np.float32)).as_text()
+
+    # No rules or no mesh: the identity, so single-device code and sampling need nothing.
+    lower()
+    with jax.set_mesh(mesh):
+        lower()
+    with nnx.logical_axis_rules(sharding.DIT_RULES):
+        lower()
+    assert seen == [True, True, True]
+    assert "sharding_constraint" not in lower()
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.DIT_RULES):
+        # Batch over data x fsdp (data is size 1 here), heads over tensor.
+        assert '[{"fsdp"}, {}, {"tensor"}, {}]' in lower()
+        with pytest.raises(ValueError, match="do not match shape"):
+            lower(lambda x: sharding.constrain(x, names[:3]))
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.VQGAN_RULES):
+        # The VQGAN rules give every axis to the batch; names they do not know stay whole.
+        assert '[{"fsdp", "tensor"}, {}, {}, {}]' in lower()
+    # Activation and parameter names are separate: the residual stream's width stays whole
+    # while a weight's "embed" is split over fsdp.
+    rules = sharding.DIT_RULES
+    assert sharding.logical_to_spec(("activation_embed",), rules, mesh) == P(None)
+    assert sharding.logical_to_spec(("embed",), rules, mesh) == P("fsdp")
 
 
 # ---------------------------------------------------------------------------------------
@@ -201,7 +225,7 @@ def _run_steps(devices, preset: str, steps: int = 2, model_cfg: DiTConfig | None
     losses = []
     for i in range(steps):
         batch = {k: jax.device_put(v, batch_sharding) for k, v in _batch(model_cfg, 8, i).items()}
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.DIT_RULES):
             state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
     params = {_path(p): np.asarray(v) for p, v in jax.tree.leaves_with_path(state.params)}

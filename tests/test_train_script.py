@@ -1,5 +1,6 @@
 """train.py as users run it, in subprocesses: SIGKILL mid-training, then resume from the
-last checkpoint; SIGTERM (preemption) writes a checkpoint; resume again and finish.
+last checkpoint; SIGTERM (preemption) writes a checkpoint and exits 75; resume again and
+finish. Also: a remote --workdir stays a URL.
 
 One CPU device per process. The workdir's compilation cache (train.py puts one there)
 spares the second and third processes the compile.
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import pytest
 from stage2_data import write_random_stage2
+
+from dithead_jax.training.loop import EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 120.0
@@ -100,7 +103,7 @@ def test_sigkill_resumes_and_sigterm_saves(tmp_path):
     step = int(run.wait_for(rf"\] \[({last + 2})\] ").group(1))
     run.proc.send_signal(signal.SIGTERM)
     out = run.finish()
-    assert run.proc.returncode == 0, out[-3000:]
+    assert run.proc.returncode == EXIT_PREEMPTED == 75, out[-3000:]  # saved; requeue me
     preempted = int(re.search(r"Preempted: checkpoint of step (\d+) saved", out).group(1))
     assert preempted >= step
     assert _finished_steps(workdir)[-1] == preempted
@@ -112,3 +115,23 @@ def test_sigkill_resumes_and_sigterm_saves(tmp_path):
     assert run.proc.returncode == 0, out[-3000:]
     assert f"Training finished at step {preempted + 2} (resumed from step {preempted})" in out
     assert _finished_steps(workdir)[-1] == preempted + 2
+
+
+def test_workdir_urls_stay_urls(tmp_path):
+    """gs:// workdirs reach Orbax and the writers as URLs (never made local); local paths
+    are created and made absolute. Nothing here touches the network."""
+    from dithead_jax.cli import run_dir
+    from dithead_jax.training.checkpoint import as_path
+
+    for url in ("gs://bucket/x", "gs://bucket/x/"):
+        for path in (run_dir("train.py", url), as_path(url)):
+            assert os.fspath(path).startswith("gs://bucket/x"), path
+            assert os.fspath(path / "checkpoints") == "gs://bucket/x/checkpoints"
+    local = run_dir("train.py", tmp_path / "a" / "b")
+    assert local.is_dir() and local.is_absolute() and os.fspath(local) == str(tmp_path / "a/b")
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        assert os.fspath(as_path("rel")) == str(tmp_path / "rel")  # no file:// needed
+    finally:
+        os.chdir(cwd)

@@ -90,7 +90,9 @@ def test_keep_n_checkpoints(setup, tmp_path):
     ckpt = Checkpointer(tmp_path / "checkpoints")
     assert ckpt.all_steps() == [3, 4]
     assert ckpt.restore_config(4)["mesh"] == "fsdp"
-    assert (tmp_path / "checkpoints" / "4" / "data_iter").is_dir()
+    # One data-iterator state for all processes (not grain's one file per process).
+    saved = (tmp_path / "checkpoints" / "4" / "data_state").iterdir()
+    assert {p.name for p in saved} == {"metadata", "commit_success.txt"}
     ckpt.close()
 
 

@@ -10,10 +10,10 @@ import os
 import jax
 import numpy as np
 import pytest
+from stage2_data import write_stage1_clip
 
 from configs import vqgan as vqgan_configs
 from dithead_jax.config import DataConfig, SyntheticConfig
-from dithead_jax.data import records
 from dithead_jax.data.masks import lower_face_mask
 from dithead_jax.data.synthetic_dataset import render_synthetic_clip
 from dithead_jax.models.vqgan import VQGAN
@@ -29,25 +29,8 @@ def frames_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("frames")
     clip = render_synthetic_clip(SyntheticConfig(identities=1, clips=1, seconds=1.0, size=S), 0, 0)
     frames = np.asarray(clip[0].frames, np.uint8)
-    t = len(frames)
-    writer = records.DatasetWriter(
-        path, "stage1", image_size=S, audio_window=11, audio_dim=33, image_encoding="png"
-    )
-    writer.write_video(
-        "train",
-        "clip0",
-        {
-            "frame": frames,
-            "masked_frame": frames,  # unread by target="frames"
-            "mask": np.stack([lower_face_mask(lm, S, DataConfig()) for lm in clip[0].landmarks]),
-            "landmarks": np.zeros((t, 68, 2), np.float32),
-            "crop_box": np.zeros((t, 4), np.float32),
-            "source_size": np.full((t, 2), S, np.int32),
-            "audio": np.zeros((t, 11, 33), np.float32),
-        },
-        identity="id0",
-    )
-    return str(writer.finalize())
+    mask = np.stack([lower_face_mask(lm, S, DataConfig()) for lm in clip[0].landmarks])
+    return str(write_stage1_clip(path, frames, mask))
 
 
 def test_configs_parse():

@@ -1,23 +1,29 @@
 """Grain input pipelines for both training stages, over the records of `data/records.py`.
 
-Both pipelines have the same shape:
+Both pipelines have the same shape; every process builds the same *global* index stream
+and reads only its own rows of each global batch:
 
-    MapDataset.source(records)         random access (ArrayRecord via TFDS, no TensorFlow)
-      [: n - n % hosts][host::hosts]   this host's disjoint, equal-sized slice of the records
-      .seed(seed, host) .shuffle()     a new permutation every epoch
-      .random_map(make_example)        decode + augment; rng is a pure function of the index
-      .batch(per_host_batch, drop_remainder=True) .repeat(num_epochs)
+    MapDataset.range(n)                record positions
+      .shuffle(seed)                   a new permutation every epoch (grain reseeds per epoch)
+      .batch(global_batch, drop_remainder=True) .repeat(num_epochs)
+                                       global batches of positions: batch k is step k+1's
+      .map_with_index(_HostRows)       rows [start, stop) of batch k only, read and decoded;
+                                       row j's augmentation rng is a pure function of
+                                       (seed, k, j), never of the host
       .to_iter_dataset(ReadOptions)    threads read ahead; order stays deterministic
       [.mp_prefetch(workers)]          optional worker processes
 
-so the output for a given (seed, host, host count, batch size) is fixed, and an iterator's
-`get_state()` / `set_state()` (or Orbax via `grain.checkpoint`) resumes it exactly.
+so global batch k is a function of (seed, global batch size, k) alone: a run on 1 process
+and one on 2 see the same examples in the same order with the same augmentations, and
+the iterator's state (`{"next_index": k}` without workers) is the same on every process.
+That is what lets a checkpoint written by H processes resume on H' (`training/checkpoint.py`
+saves one copy of it).
 
-Per-host sharding slices the record index space: host h of H sees records h, h+H, ...,
-truncated so every host has the same count (and so the same number of batches per epoch,
-which keeps multi-host steps in lockstep). Each host's seed is mixed with its index, so
-augmentations are independent across hosts. `make_global_batch` then assembles the hosts'
-batches into one global `jax.Array` sharded over the mesh's data axes.
+Host rows: process p of H holds rows [p*B/H, (p+1)*B/H) of each global batch -- the rows
+its addressable devices hold in the batch sharding when `jax.make_mesh` lays out each
+process's devices contiguously (`training.loop.host_rows` derives them from the sharding
+and refuses a layout where they are not contiguous). `make_global_batch` then assembles
+the hosts' rows into one global `jax.Array` sharded over the mesh's data axes.
 
 Worker processes (`worker_count > 0`): grain starts them with the `spawn` method, so the
 dataset must pickle (all transforms here are module-level classes) and the entry script must
@@ -40,6 +46,7 @@ from absl import flags
 from dithead_jax.data import records as records_lib
 
 Target = Literal["frames", "masked"]
+Rows = tuple[int, int]
 
 
 # ---------------------------------------------------------------------------------------
@@ -51,41 +58,65 @@ def _ensure_absl_flags() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _host_shard(
-    ds: grain.MapDataset, shard_index: int | None, shard_count: int | None
-) -> tuple[grain.MapDataset, int]:
-    """This host's strided slice (equal length on every host) and its shard index."""
-    if shard_index is None:
-        shard_index = jax.process_index()
-    if shard_count is None:
-        shard_count = jax.process_count()
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
-    usable = len(ds) // shard_count * shard_count
-    if usable == 0:
-        raise ValueError(f"{len(ds)} records cannot be split over {shard_count} hosts")
-    return ds[:usable][shard_index::shard_count], shard_index
+def default_host_rows(
+    global_batch: int, index: int | None = None, count: int | None = None
+) -> Rows:
+    """Rows [p*B/H, (p+1)*B/H) of each global batch for process p of H (default: this one)."""
+    index = jax.process_index() if index is None else index
+    count = jax.process_count() if count is None else count
+    if not 0 <= index < count:
+        raise ValueError(f"process index {index} not in [0, {count})")
+    if global_batch % count:
+        raise ValueError(f"global batch {global_batch} does not split over {count} processes")
+    per_host = global_batch // count
+    return index * per_host, (index + 1) * per_host
 
 
-def _host_seed(seed: int, shard_index: int) -> int:
-    return int(np.random.SeedSequence([seed, shard_index]).generate_state(1)[0])
+class _HostRows(grain.transforms.MapWithIndex):
+    """(global batch index k, positions (B,)) -> this host's rows [start, stop), decoded by
+    `example(position, rng)` and stacked; row j's rng is seeded by (seed, k, j)."""
+
+    def __init__(self, example: Any, rows: Rows, seed: int):
+        self.example, self.rows, self.seed = example, rows, seed
+
+    def map_with_index(self, k: int, positions: np.ndarray) -> dict[str, np.ndarray]:
+        start, stop = self.rows
+        examples = [
+            self.example(int(positions[j]), np.random.default_rng([self.seed, k, j]))
+            for j in range(start, min(stop, len(positions)))
+        ]
+        return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
 
 
-def _finish(
-    ds: grain.MapDataset,
+def _pipeline(
+    num_records: int,
+    example: Any,
     *,
     batch_size: int,
-    drop_remainder: bool,
+    seed: int,
+    shuffle: bool,
     num_epochs: int | None,
+    drop_remainder: bool,
+    rows: Rows | None,
     read_threads: int,
     prefetch_batches: int,
     worker_count: int,
     worker_buffer_size: int,
 ) -> grain.IterDataset:
+    rows = default_host_rows(batch_size) if rows is None else tuple(rows)
+    if not 0 <= rows[0] < rows[1] <= batch_size:
+        raise ValueError(f"host rows {rows} are not a range inside the batch of {batch_size}")
+    if not drop_remainder and rows != (0, batch_size):
+        # A short last batch cannot be split into equal host slices.
+        raise ValueError("drop_remainder=False needs one process reading whole batches")
+    ds = grain.MapDataset.range(num_records)
+    if shuffle:
+        ds = ds.shuffle(seed=_mix(seed, 0))
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if len(ds) == 0:
-        raise ValueError(f"fewer records on this host than one batch of {batch_size}")
+        raise ValueError(f"{num_records} records make no global batch of {batch_size}")
     ds = ds.repeat(num_epochs)
+    ds = ds.map_with_index(_HostRows(example, rows, _mix(seed, 1)))
     # Elements are whole batches here, so the read-ahead buffer counts batches (grain's
     # default of 500 elements would hold 500 batches in memory).
     # More threads than buffer slots cannot run in parallel (grain warns), hence the min.
@@ -103,30 +134,32 @@ def _finish(
     return it
 
 
-def _order(
-    ds: grain.MapDataset,
-    seed: int,
-    shuffle: bool,
-    shard_index: int | None,
-    shard_count: int | None,
-) -> grain.MapDataset:
-    ds, host = _host_shard(ds, shard_index, shard_count)
-    ds = ds.seed(_host_seed(seed, host))
-    return ds.shuffle() if shuffle else ds
+def _mix(seed: int, stream: int) -> int:
+    """Independent 32-bit seeds for the shuffle (stream 0) and the augmentations (1)."""
+    return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
 
 
 # ---------------------------------------------------------------------------------------
 # Stage 1: VQGAN images
 
 
-class _ImageExample(grain.transforms.RandomMap):
-    """record -> {"image": float32 (S, S, 3) in [-1, 1]} (+ "mask": float32 (S, S) alpha in
-    [0, 1] when with_mask), optionally mirrored, or a random (crop, crop) window of it."""
+class _ImageExample:
+    """record position -> {"image": float32 (S, S, 3) in [-1, 1]} (+ "mask": float32 (S, S)
+    alpha in [0, 1] when with_mask), optionally mirrored, or a random (crop, crop) window."""
 
-    def __init__(self, key: str, random_flip: bool, crop: int = 0, with_mask: bool = False):
-        self.key, self.random_flip, self.crop, self.with_mask = key, random_flip, crop, with_mask
+    def __init__(
+        self,
+        source: Sequence[Mapping[str, Any]],
+        key: str,
+        random_flip: bool,
+        crop: int = 0,
+        with_mask: bool = False,
+    ):
+        self.source, self.key, self.random_flip = source, key, random_flip
+        self.crop, self.with_mask = crop, with_mask
 
-    def random_map(self, record: Mapping[str, Any], rng: np.random.Generator) -> dict:
+    def __call__(self, position: int, rng: np.random.Generator) -> dict:
+        record = self.source[position]
         example = {"image": np.asarray(record[self.key], np.float32) / 127.5 - 1.0}
         if self.with_mask:
             example["mask"] = np.asarray(record["mask"], np.float32) / 255.0
@@ -155,21 +188,21 @@ def vqgan_dataset(
     shuffle: bool = True,
     num_epochs: int | None = None,
     drop_remainder: bool = True,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
+    host_rows: Rows | None = None,
     read_threads: int = 8,
     prefetch_batches: int = 8,
     worker_count: int = 0,
     worker_buffer_size: int = 2,
 ) -> grain.IterDataset:
-    """Stage-1 batches {"image": float32 (batch_size, S, S, 3) in [-1, 1]} (NHWC).
+    """Stage-1 batches {"image": float32 (B, S, S, 3) in [-1, 1]} (NHWC).
 
     target: "frames" (ground-truth VQGAN E/D) or "masked" (masked-frame encoder E_m).
     crop: train on random (crop, crop) windows instead of whole frames (0 = whole).
-    with_mask: also yield "mask", float32 (batch_size, S, S) lower-face alpha in [0, 1]
+    with_mask: also yield "mask", float32 (B, S, S) lower-face alpha in [0, 1]
     (for the mask-weighted L1), cropped and mirrored with the image.
-    batch_size is per host. num_epochs=None repeats forever. shard_index/shard_count
-    default to jax.process_index()/process_count().
+    batch_size is the GLOBAL batch; this process gets rows host_rows = [start, stop) of
+    each (default `default_host_rows`: an equal contiguous share per process).
+    num_epochs=None repeats forever.
     """
     key = {"frames": "frame", "masked": "masked_frame"}.get(target)
     if key is None:
@@ -178,10 +211,12 @@ def vqgan_dataset(
     # Undecoded bytes for what this stage never looks at: saves a JPEG decode per sample.
     skip = (other,) if with_mask else (other, "mask")
     source, _ = records_lib.open_dataset(data_dir, split, skip_decoding=skip)
-    ds = _order(grain.MapDataset.source(source), seed, shuffle, shard_index, shard_count)
-    ds = ds.random_map(_ImageExample(key, random_flip, crop, with_mask))
-    return _finish(
-        ds,
+    return _pipeline(
+        len(source),
+        _ImageExample(source, key, random_flip, crop, with_mask),
+        seed=seed,
+        shuffle=shuffle,
+        rows=host_rows,
         batch_size=batch_size,
         drop_remainder=drop_remainder,
         num_epochs=num_epochs,
@@ -220,7 +255,7 @@ def choose_reference(
     return start + int(np.argmax(distance))
 
 
-class _LatentExample(grain.transforms.RandomMap):
+class _LatentExample:
     """record position -> {latent, masked_latent, reference_latent, audio (, mask)} (see
     dit_dataset)."""
 
@@ -236,8 +271,7 @@ class _LatentExample(grain.transforms.RandomMap):
         self.start, self.length = index["start"], index["length"]
         self.video_of = np.repeat(np.arange(len(self.start)), self.length)
 
-    def random_map(self, position: int, rng: np.random.Generator) -> dict:
-        position = int(position)
+    def __call__(self, position: int, rng: np.random.Generator) -> dict:
         record = self.source[position]
         video = self.video_of[position]
         ref = choose_reference(
@@ -271,23 +305,23 @@ def dit_dataset(
     shuffle: bool = True,
     num_epochs: int | None = None,
     drop_remainder: bool = True,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
+    host_rows: Rows | None = None,
     read_threads: int = 8,
     prefetch_batches: int = 8,
     worker_count: int = 0,
     worker_buffer_size: int = 2,
 ) -> grain.IterDataset:
-    """Stage-2 batches, all float32, per host:
+    """Stage-2 batches, all float32, this process's rows of each global batch (B = its
+    share of batch_size, see `vqgan_dataset`):
 
-        latent            (batch_size, h, w, c)  pre-quantisation latent of the target frame
-        masked_latent     (batch_size, h, w, c)  one of the K masked variants, at random
-        reference_latent  (batch_size, h, w, c)  latent of a frame of the same video at least
-                                                 min_reference_distance frames away
-                                                 (`choose_reference`)
-        audio             (batch_size, W, D)
-        mask              (batch_size, h, w)     with_mask only: the target frame's lower-face
-                                                 alpha in [0, 1] on the latent grid
+        latent            (B, h, w, c)  pre-quantisation latent of the target frame
+        masked_latent     (B, h, w, c)  one of the K masked variants, at random
+        reference_latent  (B, h, w, c)  latent of a frame of the same video at least
+                                        min_reference_distance frames away
+                                        (`choose_reference`)
+        audio             (B, W, D)
+        mask              (B, h, w)     with_mask only: the target frame's lower-face
+                                        alpha in [0, 1] on the latent grid
 
     Arguments as in `vqgan_dataset`; pass `DataConfig.min_reference_distance`.
     """
@@ -300,12 +334,12 @@ def dit_dataset(
     index = records_lib.load_video_index(data_dir, split)
     if int(index["length"].sum()) != len(source):
         raise ValueError(f"{data_dir}: video index and split '{split}' disagree; re-finalize")
-    # The index space is the source: the map reads the target and its reference itself.
-    ds = grain.MapDataset.range(len(source))
-    ds = _order(ds, seed, shuffle, shard_index, shard_count)
-    ds = ds.random_map(_LatentExample(source, index, min_reference_distance, with_mask))
-    return _finish(
-        ds,
+    return _pipeline(
+        len(source),
+        _LatentExample(source, index, min_reference_distance, with_mask),
+        seed=seed,
+        shuffle=shuffle,
+        rows=host_rows,
         batch_size=batch_size,
         drop_remainder=drop_remainder,
         num_epochs=num_epochs,
@@ -321,16 +355,21 @@ def dit_dataset(
 
 
 def make_global_batch(
-    host_batch: Mapping[str, np.ndarray], sharding: jax.sharding.NamedSharding
+    host_batch: Mapping[str, np.ndarray],
+    sharding: jax.sharding.NamedSharding,
+    global_batch: int | None = None,
 ) -> dict[str, jax.Array]:
-    """Assembles every host's (B_host, ...) arrays into global (B_host * hosts, ...) arrays.
+    """Assembles every host's (B_host, ...) arrays into global (global_batch, ...) arrays
+    (default global_batch: B_host * hosts, i.e. no two processes hold the same rows).
 
     `sharding` splits the leading (batch) dimension over the mesh's data axes, e.g.
     `NamedSharding(mesh, P(("data", "fsdp")))`; each host passes only its own rows, which
     must be the rows its addressable devices hold (true for a contiguous process layout,
     the default for `jax.make_mesh`).
     """
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-        for k, v in host_batch.items()
-    }
+    out = {}
+    for k, v in host_batch.items():
+        v = np.asarray(v)
+        shape = None if global_batch is None else (global_batch, *v.shape[1:])
+        out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
+    return out

@@ -11,7 +11,9 @@ shuffled-audio control, measured by an expert fitted on the training identities.
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +51,30 @@ class Clip:
     frame_index: np.ndarray  # (T,) source frames
 
 
-def read_clips(stage1: Path, split: str, max_clips: int | None, max_frames: int | None):
+def clip_lengths(
+    stage1: Path, split: str, max_clips: int | None, max_frames: int | None
+) -> list[int]:
+    """Frame count of each clip `read_clips` would yield, from the index alone (every
+    process draws the same references and shuffles without reading any frames)."""
+    index = load_video_index(stage1, split)
+    lengths = [int(n) for n in index["length"]]
+    if max_clips is not None:
+        lengths = lengths[:max_clips]
+    return [min(n, max_frames) if max_frames else n for n in lengths]
+
+
+def read_clips(
+    stage1: Path,
+    split: str,
+    max_clips: int | None,
+    max_frames: int | None,
+    indices: Iterable[int] | None = None,
+) -> Iterator[Clip]:
+    """The split's clips in index order (only `indices` of them when given)."""
     source, _ = open_dataset(stage1, split)
     index = load_video_index(stage1, split)
     count = len(index["video_id"]) if max_clips is None else min(max_clips, len(index["video_id"]))
-    for k in range(count):
+    for k in range(count) if indices is None else indices:
         start, length = int(index["start"][k]), int(index["length"][k])
         if max_frames:
             length = min(length, max_frames)
@@ -115,108 +136,214 @@ def _lpips_scorer():
     return (lambda a, b: np.asarray(run(to_lpips_range(a), to_lpips_range(b)))), None
 
 
-def evaluate(models: Any, stage1: Path, out_dir: Path, options: EvalOptions) -> dict[str, Any]:
-    """Generates, scores, writes report.json / report.md / side-by-side mp4s; returns the report."""
+def _fid_extractor(options: EvalOptions) -> tuple[Any, str | None]:
+    """(extractor, None), or (None, why FID is not computed)."""
     from dithead_jax.evaluation import fid as fid_lib
+
+    if "fid" not in options.metrics:
+        return None, "not asked (--metrics)"
+    try:
+        return fid_lib.load_feature_extractor(), None
+    except FileNotFoundError as e:
+        return None, str(e)
+
+
+@dataclasses.dataclass
+class _Scorers:
+    """What scores a clip; built identically on every process."""
+
+    lpips: Any
+    expert: MouthExpert | None
+    fid: Any  # FIDFeatureExtractor | None
+    lse: Any  # SyncScorer | None (None: not asked, or no raw audio to score against)
+
+
+def _score_clip(
+    models: Any,
+    clip: Clip,
+    reference: np.ndarray,
+    shuffle: np.ndarray,
+    scorers: _Scorers,
+    out_dir: Path,
+    options: EvalOptions,
+) -> dict[str, Any]:
+    """Everything the report needs from one clip, as plain numbers and small arrays (this
+    is what travels between processes): per mode its table row, s/frame and the expert's
+    predictions; for the first mode FID features and LSE; the clip's sync references."""
     from dithead_jax.evaluation.image_metrics import psnr, ssim
-    from dithead_jax.evaluation.sync import SyncScorer
     from dithead_jax.sampling import generate_faces, reconstruct_faces
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(options.seed)
-    lpips, lpips_missing = _lpips_scorer() if "lpips" in options.metrics else (None, "not asked")
-    expert = calibration = ceiling = None
-    if options.synthetic is not None:
-        expert = fit_mouth_expert(stage1, options.synthetic)
-    clips = list(read_clips(stage1, options.split, options.max_clips, options.max_frames))
-    if not clips:
-        raise ValueError(f"{stage1}: no clips in split {options.split!r}")
-    per_mode: dict[str, dict[str, Any]] = {}
-    rows, real_frames, fake_frames, sync_inputs = [], [], [], []
-    # One reference frame and one audio shuffle per clip, shared by every mode compared.
-    references = [c.frames[rng.integers(len(c.frames))] for c in clips]
-    shuffles = [rng.permutation(len(c.audio)) for c in clips]
-    # True openings per clip and over the whole split (the sync scores need both).
-    truths, truth = [], None
-    if expert is not None:
-        truths = [_truth(options.synthetic, c)["mouth_open"] for c in clips]
-        truth = np.concatenate(truths)
+    expert = scorers.expert
+    truth = _truth(options.synthetic, clip)["mouth_open"] if expert is not None else None
+    out: dict[str, Any] = {"rows": {}, "seconds": {}, "measured": {}, "control": {}}
     for mode in options.modes:
-        measured_all, control_all, flickers, seconds = [], [], [], []
-        psnrs, ssims, lpipss = [], [], []
-        for k, clip in enumerate(tqdm(clips, desc=f"clips ({mode})", unit="clip")):
-            reference = references[k]
-            started = time.perf_counter()
-            fake = generate_faces(
-                models, clip.masked, clip.audio, reference,
+        started = time.perf_counter()
+        fake = generate_faces(
+            models, clip.masked, clip.audio, reference,
+            steps=options.steps, mode=mode, seed=options.seed,
+        )  # fmt: skip
+        out["seconds"][mode] = (time.perf_counter() - started) / len(fake)
+        row = {
+            "video": clip.video_id,
+            "mode": mode,
+            "frames": len(fake),
+            "psnr": float(np.asarray(psnr(clip.frames, fake)).mean()),
+            "ssim": float(np.asarray(ssim(clip.frames, fake)).mean()),
+            "flicker": flicker(clip.frames, fake, clip.mask),
+        }
+        if scorers.lpips is not None:
+            row["lpips"] = float(scorers.lpips(clip.frames, fake).mean())
+        if expert is not None:
+            control = generate_faces(
+                models, clip.masked, clip.audio[shuffle], reference,
                 steps=options.steps, mode=mode, seed=options.seed,
             )  # fmt: skip
-            seconds.append((time.perf_counter() - started) / len(fake))
-            p = float(np.asarray(psnr(clip.frames, fake)).mean())
-            s = float(np.asarray(ssim(clip.frames, fake)).mean())
-            row = {"video": clip.video_id, "mode": mode, "frames": len(fake), "psnr": p, "ssim": s}
-            psnrs.append(p)
-            ssims.append(s)
-            flickers.append(flicker(clip.frames, fake, clip.mask))
-            row["flicker"] = flickers[-1]
-            if lpips is not None:
-                row["lpips"] = float(lpips(clip.frames, fake).mean())
-                lpipss.append(row["lpips"])
-            if expert is not None:
-                shuffled = clip.audio[shuffles[k]]
-                control = generate_faces(
-                    models, clip.masked, shuffled, reference,
-                    steps=options.steps, mode=mode, seed=options.seed,
-                )  # fmt: skip
-                measured_all.append(expert.predict(fake, clip.landmarks))
-                control_all.append(expert.predict(control, clip.landmarks))
-                row["sync"] = sync_correlation(measured_all[-1], truths[k])
-            rows.append(row)
-            if mode == options.modes[0]:
-                real_frames.append(clip.frames)
-                fake_frames.append(fake)
-                sync_inputs.append((clip, fake))
-                if options.side_by_side:
-                    _side_by_side(out_dir, clip, fake, options)
-        summary = {"psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims))}
-        if lpipss:
-            summary["lpips"] = float(np.mean(lpipss))
-        if measured_all:
-            summary["sync"] = sync_correlation(np.concatenate(measured_all), truth)
-            summary["sync_control"] = sync_correlation(np.concatenate(control_all), truth)
-        summary["flicker"] = float(np.nanmean(flickers))
-        # The first clip's time includes compiling this mode's sampler.
-        summary["s_per_frame"] = float(np.median(seconds))
-        per_mode[mode] = summary
+            out["measured"][mode] = expert.predict(fake, clip.landmarks)
+            out["control"][mode] = expert.predict(control, clip.landmarks)
+            row["sync"] = sync_correlation(out["measured"][mode], truth)
+        out["rows"][mode] = row
+        if mode != options.modes[0]:
+            continue
+        if scorers.fid is not None:
+            out["fid"] = (scorers.fid(clip.frames), scorers.fid(fake))
+        if scorers.lse is not None:
+            audio = _truth(options.synthetic, clip)["audio"]
+            start = int(clip.frame_index[0]) * 640
+            out["lse"] = scorers.lse(fake, audio[start : start + len(fake) * 640])
+        if options.side_by_side:
+            _side_by_side(out_dir, clip, fake, options)
     if expert is not None:
         # What a perfect DiT could reach: the expert on real frames (calibration) and on
         # real frames passed through the frame VQGAN (the decoder's ceiling).
-        real = [expert.predict(c.frames, c.landmarks) for c in clips]
-        calibration = sync_correlation(np.concatenate(real), truth)
-        rebuilt = [expert.predict(reconstruct_faces(models, c.frames), c.landmarks) for c in clips]
-        ceiling = sync_correlation(np.concatenate(rebuilt), truth)
+        out["truth"] = truth
+        out["real"] = expert.predict(clip.frames, clip.landmarks)
+        out["rebuilt"] = expert.predict(reconstruct_faces(models, clip.frames), clip.landmarks)
+    return out
+
+
+def allgather_objects(value: Any) -> list[Any]:
+    """`value` of every process, in process order, on every process (picklable values).
+
+    One fixed-size collective after a size exchange: `process_allgather` needs equal
+    shapes everywhere, so each pickle is padded to the longest. Single process: [value].
+    """
+    import jax
+
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    payload = np.frombuffer(pickle.dumps(value), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32([payload.size]))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: payload.size] = payload
+    gathered = np.asarray(multihost_utils.process_allgather(padded))  # (processes, longest)
+    return [pickle.loads(gathered[p, : sizes[p]].tobytes()) for p in range(len(sizes))]
+
+
+def evaluate(models: Any, stage1: Path, out_dir: Path, options: EvalOptions) -> dict[str, Any]:
+    """Generates, scores, writes report.json / report.md / side-by-side mp4s; returns the report.
+
+    Under `jax.distributed` every process generates and scores a contiguous share of the
+    clips on its own devices (each writes its clips' side-by-side videos); the per-clip
+    results are gathered and every process builds the same report from them in clip
+    order, so it equals a one-process run's. Only process 0 writes report.json / .md.
+    """
+    import jax
+
+    from dithead_jax.evaluation.sync import SyncScorer
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lengths = clip_lengths(stage1, options.split, options.max_clips, options.max_frames)
+    if not lengths:
+        raise ValueError(f"{stage1}: no clips in split {options.split!r}")
+    # One reference frame and one audio shuffle per clip, shared by every mode compared,
+    # drawn for all clips on every process (the same numbers whatever the process count).
+    rng = np.random.default_rng(options.seed)
+    reference_at = [int(rng.integers(n)) for n in lengths]
+    shuffles = [rng.permutation(n) for n in lengths]
+
+    lpips, lpips_missing = _lpips_scorer() if "lpips" in options.metrics else (None, "not asked")
+    expert = None
+    if options.synthetic is not None:
+        expert = fit_mouth_expert(stage1, options.synthetic)
+    extractor, fid_missing = _fid_extractor(options)
+    lse = {"status": "unavailable", "reason": "not asked (--metrics)"}
+    lse_scorer = None
+    if "lse" in options.metrics:
+        lse_scorer, lse = SyncScorer(), None
+        if not lse_scorer.available:
+            lse, lse_scorer = {"status": "unavailable", "reason": lse_scorer.reason}, None
+        elif options.synthetic is None:
+            lse_scorer = None
+    scorers = _Scorers(lpips=lpips, expert=expert, fid=extractor, lse=lse_scorer)
+
+    process, processes = jax.process_index(), jax.process_count()
+    mine = [int(k) for k in np.array_split(np.arange(len(lengths)), processes)[process]]
+    desc = "clips" if processes == 1 else f"clips (process {process}/{processes})"
+    results = [
+        (k, _score_clip(models, clip, clip.frames[reference_at[k]], shuffles[k],
+                        scorers, out_dir, options))
+        for k, clip in zip(mine, tqdm(
+            read_clips(stage1, options.split, options.max_clips, options.max_frames, mine),
+            desc=desc, unit="clip", total=len(mine)), strict=True)
+    ]  # fmt: skip
+    clips = [r for _, r in sorted(kr for part in allgather_objects(results) for kr in part)]
+    report = _report(clips, options, lse, lpips_missing, fid_missing, extractor is not None)
+    if process == 0:
+        write_report(out_dir, report)
+    return report
+
+
+def _report(
+    clips: list[dict[str, Any]],
+    options: EvalOptions,
+    lse: dict[str, Any] | None,
+    lpips_missing: str | None,
+    fid_missing: str | None,
+    with_fid: bool,
+) -> dict[str, Any]:
+    """The report from every clip's `_score_clip` result, in clip order."""
+    from dithead_jax.evaluation import fid as fid_lib
+
+    synced = "truth" in clips[0]
+    truth = np.concatenate([c["truth"] for c in clips]) if synced else None
+    rows, per_mode = [], {}
+    for mode in options.modes:
+        mode_rows = [c["rows"][mode] for c in clips]
+        rows += mode_rows
+        summary = {
+            "psnr": float(np.mean([r["psnr"] for r in mode_rows])),
+            "ssim": float(np.mean([r["ssim"] for r in mode_rows])),
+        }
+        if "lpips" in mode_rows[0]:
+            summary["lpips"] = float(np.mean([r["lpips"] for r in mode_rows]))
+        if synced:
+            measured = np.concatenate([c["measured"][mode] for c in clips])
+            summary["sync"] = sync_correlation(measured, truth)
+            control = np.concatenate([c["control"][mode] for c in clips])
+            summary["sync_control"] = sync_correlation(control, truth)
+        summary["flicker"] = float(np.nanmean([r["flicker"] for r in mode_rows]))
+        # The first clip's time includes compiling this mode's sampler.
+        summary["s_per_frame"] = float(np.median([c["seconds"][mode] for c in clips]))
+        per_mode[mode] = summary
 
     first = per_mode[options.modes[0]]
     metrics = {"psnr": first["psnr"], "ssim": first["ssim"], "lpips": first.get("lpips")}
     unavailable = {}
-    if lpips is None:
+    if lpips_missing is not None:
         unavailable["lpips"] = lpips_missing
     metrics["fid"] = None
-    if "fid" in options.metrics:
-        fid = fid_lib.compute_fid(np.concatenate(real_frames), np.concatenate(fake_frames))
-        metrics["fid"] = fid.value
-        if fid.value is None:
-            unavailable["fid"] = fid.unavailable
+    if with_fid:
+        real, fake = fid_lib.FIDAccumulator(), fid_lib.FIDAccumulator()
+        for c in clips:
+            real.update(c["fid"][0])
+            fake.update(c["fid"][1])
+        metrics["fid"] = fid_lib.compute_fid(real, fake).value
     else:
-        unavailable["fid"] = "not asked (--metrics)"
-    lse = {"status": "unavailable", "reason": "not asked (--metrics)"}
-    if "lse" in options.metrics:
-        scorer = SyncScorer()
-        lse = None
-        if scorer.available and options.synthetic is not None:
-            lse = _lse(scorer, sync_inputs, options)
-        elif not scorer.available:
-            lse = {"status": "unavailable", "reason": scorer.reason}
+        unavailable["fid"] = fid_missing
+    if lse is None and "lse" in clips[0]:
+        lse = _mean_lse([c["lse"] for c in clips])
     if lse is None or lse.get("status") != "ok":
         reason = (lse or {}).get("reason", "needs the clips' raw audio (--synthetic)")
         unavailable["lse_c"] = unavailable["lse_d"] = reason
@@ -236,27 +363,23 @@ def evaluate(models: Any, stage1: Path, out_dir: Path, options: EvalOptions) -> 
         "clips": rows,
         "modes": per_mode if len(options.modes) > 1 else None,
     }
-    if "sync" in first:
+    if synced:
         report["sync"] = {
             "correlation": first["sync"],
             "control_correlation": first["sync_control"],
-            "expert_calibration": calibration,
-            "vqgan_ceiling": ceiling,
+            "expert_calibration": sync_correlation(
+                np.concatenate([c["real"] for c in clips]), truth
+            ),
+            "vqgan_ceiling": sync_correlation(np.concatenate([c["rebuilt"] for c in clips]), truth),
         }
-    write_report(out_dir, report)
     return report
 
 
-def _lse(scorer: Any, inputs: list, options: EvalOptions) -> dict[str, Any] | None:
-    """Mean LSE over clips (SyncNet needs the raw 16 kHz speech of each clip)."""
-    results = []
-    for clip, fake in inputs:
-        audio = _truth(options.synthetic, clip)["audio"]
-        start = int(clip.frame_index[0]) * 640
-        result = scorer(fake, audio[start : start + len(fake) * 640])
+def _mean_lse(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean LSE over clips, or the first clip's reason it could not be scored."""
+    for result in results:
         if result.get("status") != "ok":
             return result
-        results.append(result)
     return {
         "status": "ok",
         "lse_c": float(np.mean([r["lse_c"] for r in results])),

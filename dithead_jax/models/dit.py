@@ -19,10 +19,14 @@ Context layouts (`DiTConfig.context_layout`), see DESIGN.md:
       concatenated channel-wise with the timestep embedding: ONE token of width 2D. Softmax
       over a single key is 1, so cross-attention degenerates to a linear map of the context.
 
-Logical axis vocabulary (names only; `dithead_jax/sharding.py` maps them to mesh axes):
-  "batch"    examples                          (activations only)
-  "length"   token / sequence positions        (activations only)
-  "embed"    the model width D (residual stream, modulation inputs, k/v context width)
+Logical axis vocabulary (names only; `dithead_jax/sharding.py` maps them to mesh axes).
+Activations, pinned with `sharding.constrain` where the compiled program needs it (the
+residual stream at every block's input and output, the timestep embedding, the audio
+context, the adaLN parameters, q/k/v; tests/test_compiled_sharding.py):
+  "activation_batch" examples; "activation_length" tokens; "activation_embed" the width D
+  (kept whole); "activation_heads" / "activation_kv" heads and per-head features.
+Parameters:
+  "embed"    the model width D (projection inputs / outputs, modulation inputs)
   "mlp"      widths produced from D: MLP hidden, adaLN outputs (6D / 2D), timestep-MLP hidden
   "heads"    attention heads
   "kv"       per-head feature dimension (D / heads)
@@ -52,6 +56,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dithead_jax import sharding
 from dithead_jax.config import DiTConfig
 from dithead_jax.models.layers import (
     Attention,
@@ -70,6 +75,15 @@ from dithead_jax.models.layers import (
 Array = jax.Array
 
 _NORM_EPS = 1e-6  # DiT's LayerNorm epsilon
+# The residual stream (B, L, D): split by example, never by model width (see sharding.py).
+TOKENS = ("activation_batch", "activation_length", "activation_embed")
+
+
+def _per_example(v: Array) -> Array:
+    """(B, k*D) adaLN parameters, whole per example. The modulation kernel's output is split
+    over `tensor` ("mlp"); left so, cutting it into k chunks of D costs collective-permutes
+    forward and all-to-alls backward (fsdp_tp), more than gathering B x k*D numbers once."""
+    return sharding.constrain(v, ("activation_batch", "activation_embed"))
 
 
 def _plain_norm(hidden_size: int, dtype: Any, param_dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -135,10 +149,13 @@ class AudioContextEmbedder(nnx.Module):
 
     def __call__(self, audio: Array, c: Array) -> Array:
         """audio: (B, window, dim), c: (B, D) -> (B, window + 1, D) or (B, 1, 2D)."""
+        # Pinned by example right after the projection, whose output is split like the
+        # weight's "embed": later, the switch costs an all-to-all of (B, 11, D).
         if self.layout == "audio_tokens":
-            frames = self.frame_proj(audio) + self.frame_pos.value.astype(self.dtype or jnp.float32)
+            frames = sharding.constrain(self.frame_proj(audio), TOKENS)
+            frames = frames + self.frame_pos.value.astype(self.dtype or jnp.float32)
             return jnp.concatenate([frames, c[:, None, :].astype(frames.dtype)], axis=1)
-        a_h = self.window_proj(audio.reshape(audio.shape[0], -1))
+        a_h = _per_example(self.window_proj(audio.reshape(audio.shape[0], -1)))
         return jnp.concatenate([a_h, c.astype(a_h.dtype)], axis=-1)[:, None, :]
 
 
@@ -175,14 +192,15 @@ class DiTBlock(nnx.Module):
 
     def __call__(self, x: Array, c: Array, context: Array | None) -> Array:
         """x: (B, L, D) tokens, c: (B, D) timestep embedding, context: (B, S, C) or None."""
+        x = sharding.constrain(x, TOKENS)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(
-            self.modulation(nnx.silu(c)), 6, axis=-1
+            _per_example(self.modulation(nnx.silu(c))), 6, axis=-1
         )
         x = x + gate_msa[:, None, :] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.cross_norm(x), context)
         x = x + gate_mlp[:, None, :] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        return sharding.constrain(x, TOKENS)
 
 
 class FinalLayer(nnx.Module):
@@ -196,7 +214,7 @@ class FinalLayer(nnx.Module):
         self.proj = linear(d, p * p * out_channels, ("embed", "patch"), **kw)
 
     def __call__(self, x: Array, c: Array) -> Array:
-        shift, scale = jnp.split(self.modulation(nnx.silu(c)), 2, axis=-1)
+        shift, scale = jnp.split(_per_example(self.modulation(nnx.silu(c))), 2, axis=-1)
         return self.proj(modulate(self.norm(x), shift, scale))
 
 
@@ -249,12 +267,15 @@ class DiT(nnx.Module):
 
         tokens = self.patch_embed(x.astype(compute_dtype))
         tokens = tokens + jnp.asarray(sincos_2d(cfg.hidden_size, grid), compute_dtype)
-        c = self.t_embedder(t)
+        # Per-example vectors leave their projections split like the weights' "embed";
+        # pinned by example, the adaLN and context paths need no all-to-all.
+        c = sharding.constrain(self.t_embedder(t), ("activation_batch", "activation_embed"))
         context = None
         if self.context_embedder is not None:
             if audio is None:
                 raise ValueError("this DiT has cross-attention and needs `audio`")
             context = self.context_embedder(audio.astype(compute_dtype), c)
+            context = sharding.constrain(context, TOKENS)
         tokens = self._run_blocks(tokens, c, context)
         patches = self.final_layer(tokens, c)  # (B, L, p*p*C_out)
         return unpatchify(patches, cfg.patch_size, grid, self.out_channels).astype(jnp.float32)

@@ -19,9 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dithead_jax import sharding
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 LogicalNames = tuple[str | None, ...]
+# q / k / v activations (B, L, heads, kv); see sharding.py for the activation names.
+HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
 
 # DiT's initialisations (facebookresearch/DiT `initialize_weights`), in JAX terms.
 xavier_uniform = nnx.initializers.xavier_uniform()
@@ -221,9 +225,78 @@ class Attention(nnx.Module):
         else:
             q, k, v = jnp.moveaxis(self.qkv(x), -3, 0)
         # Projections may have promoted to float32 if x was; attention wants one dtype.
-        k, v = k.astype(q.dtype), v.astype(q.dtype)
-        attended = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        # Pinned by example and head: the (B, heads, L, S) scores are the largest buffers of
+        # the step, so their layout should not hang on XLA's propagation heuristics.
+        q, k, v = (sharding.constrain(a.astype(q.dtype), HEADS) for a in (q, k, v))
+        impl = resolve_attention(self.implementation, q.dtype, self_attention=not self.is_cross)
+        if impl == "splash" and q.shape[1] % _SPLASH_BLOCK:
+            impl = "xla"  # the kernel tiles the sequence in blocks of 128
+        if impl == "splash":
+            attended = splash_attention(q, k, v)
+        else:
+            attended = jax.nn.dot_product_attention(q, k, v, implementation=impl)
         return self.out(attended)
+
+
+ATTENTION_IMPLS = (None, "auto", "xla", "cudnn", "splash")
+_SPLASH_BLOCK = 128
+
+
+def resolve_attention(
+    implementation: str | None,
+    dtype: jnp.dtype,
+    *,
+    self_attention: bool = True,
+    platform: str | None = None,
+) -> str | None:
+    """The attention kernel for `implementation` ("auto" decides at trace time by the
+    backend, `platform` overriding it) for the self-attention: cuDNN flash attention on GPU
+    in bf16/fp16 (cuDNN has no f32 kernel), the Pallas splash kernel on TPU, XLA otherwise.
+    The audio cross-attention has 12 keys (or 1), below any kernel's block and ~1% of the
+    attention FLOPs: XLA under "auto", and also when "splash" is asked for.
+    None leaves the choice to `jax.nn.dot_product_attention` (XLA today)."""
+    if implementation not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl {implementation!r}: choose from {ATTENTION_IMPLS}")
+    if implementation in ("auto", "splash") and not self_attention:
+        return "xla"
+    if implementation != "auto":
+        return implementation
+    platform = platform or jax.default_backend()
+    if platform in ("gpu", "cuda", "rocm") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    if platform == "tpu":
+        return "splash"
+    return "xla"
+
+
+def splash_attention(q: Array, k: Array, v: Array, *, interpret: bool = False) -> Array:
+    """Unmasked multi-head attention through the TPU Pallas splash kernel.
+
+    q, k, v: (B, L, heads, kv) -> (B, L, heads, kv). A Pallas call has no SPMD partitioning
+    rule, so on a mesh it runs under `shard_map` with the batch and heads split as the
+    q/k/v activation rules say (each device: its examples, its heads, all L keys).
+    `interpret=True` runs the kernel in Pallas' interpreter (any backend; for tests).
+    """
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    scale = q.shape[-1] ** -0.5
+
+    def local(q: Array, k: Array, v: Array) -> Array:
+        heads, length, keys = q.shape[2], q.shape[1], k.shape[1]
+        mask = splash.MultiHeadMask([splash.FullMask((length, keys))] * heads)
+        kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
+        to_heads = lambda a: a.transpose(0, 2, 1, 3)  # noqa: E731  (B, heads, L, kv)
+        out = jax.vmap(kernel)(to_heads(q * scale), to_heads(k), to_heads(v))
+        return to_heads(out)
+
+    spec = sharding.current_spec(HEADS, q.shape)
+    if spec is None:
+        return local(q, k, v)
+    mesh = jax.sharding.get_abstract_mesh()
+    # check_vma=False: the splash kernel's outputs carry no varying-axes annotation.
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(
+        q, k, v
+    )
 
 
 def remat_policy(name: str) -> Callable[..., bool] | None:

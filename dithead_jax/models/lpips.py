@@ -167,11 +167,15 @@ class LPIPS(nnx.Module):
     ) -> Float[Array, "b 5"]:
         """Per-layer LPIPS terms (their sum over the last axis is the distance)."""
         # One trunk pass over both batches: half the kernel launches and better GEMM shapes.
-        both = jnp.concatenate([jnp.asarray(images0), jnp.asarray(images1)], axis=0)
-        batch = jnp.shape(images0)[0]
+        # Interleaved (x0[0], x1[0], x0[1], ...), not concatenated: with the batch split over
+        # devices each device then holds both images of its own pairs, where a concat would
+        # move half of every feature map between devices (collective-permutes).
+        both = jnp.stack([jnp.asarray(images0), jnp.asarray(images1)], axis=1)
+        both = both.reshape(-1, *both.shape[2:])
         terms = []
         for feature, head in zip(self.features(both), self.heads, strict=True):
-            diff = (feature[:batch] - feature[batch:]) ** 2
+            pairs = feature.reshape(-1, 2, *feature.shape[1:])
+            diff = (pairs[:, 0] - pairs[:, 1]) ** 2
             weighted = jnp.einsum("bhwc,c->bhw", diff, head[...])
             terms.append(jnp.mean(weighted, axis=(1, 2)))
         return jnp.stack(terms, axis=-1)

@@ -33,7 +33,7 @@ Logical axis vocabulary (mapped to mesh axes by `sharding.VQGAN_RULES`):
   "codebook"      codebook entries (16384)
   "codebook_dim"  width of a codebook entry (3)
   None            kernel taps (height, width) of 3x3 / 4x4 kernels
-Feature maps are pinned to ("batch", "height", "width", None) by `constrain`, which acts
+Feature maps are pinned to `ACTIVATION` ("activation_batch", ...) by `constrain`, which acts
 only inside `nnx.logical_axis_rules(sharding.VQGAN_RULES)` on a mesh. The DiT's "embed"/
 "mlp"/"heads"/"kv" are not used: the middle block's attention is built from 1x1
 convolutions, so its projections are "conv_in" x "conv_out" like any other conv.
@@ -46,34 +46,28 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
-from flax.core import spmd
 from jaxtyping import Array, Float, Int
 
+from dithead_jax import sharding
 from dithead_jax.config import VQGANConfig
 from dithead_jax.models.layers import partitioned
 
 _GN_EPS = 1e-6  # CompVis `Normalize`
-ACTIVATION = ("batch", "height", "width", None)  # logical names of every feature map
+# Logical names of every feature map (B, H, W, C).
+ACTIVATION = ("activation_batch", "activation_height", "activation_width", "activation_channels")
 # PyTorch's default Conv2d init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), ..).
 torch_conv_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def constrain(x: Array, names: tuple[str | None, ...] = ACTIVATION) -> Array:
-    """Pin an activation's sharding by logical names, when a rule set is active.
+    """Pin a feature map to its batch-split layout (`sharding.constrain`).
 
     Without it XLA's propagation, torn between batch-split activations and weights split
     over their output channels, shards some activations by channel and all-gathers whole
-    batches. Rules come from flax's context (`with nnx.logical_axis_rules(VQGAN_RULES)`,
-    entered by the trainer around tracing) and are resolved by `sharding.logical_to_spec`;
-    outside a mesh or without rules this is the identity.
+    batches. Acts only inside `nnx.logical_axis_rules(VQGAN_RULES)` (entered by the trainer
+    around tracing) on a mesh; elsewhere it is the identity.
     """
-    rules = spmd.get_logical_axis_rules()
-    mesh = jax.sharding.get_abstract_mesh()
-    if not rules or mesh.empty:
-        return x
-    from dithead_jax.sharding import logical_to_spec  # lazy: no import cycle via sharding
-
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules, mesh, x.shape))
+    return sharding.constrain(x, names)
 
 
 def conv(

@@ -22,6 +22,7 @@ from dithead_jax.models.dit import DiT
 from dithead_jax.training import dit_step, loop
 from dithead_jax.training import metrics as metrics_lib
 from dithead_jax.training.state import (
+    StateSetup,
     abstract_train_state,
     count_params,
     create_train_state,
@@ -67,21 +68,25 @@ def _check_batch(batch: Mapping[str, np.ndarray], model: cfg.DiTConfig) -> None:
             )
 
 
-def dit_batches(run: DiTRun, *, shuffle: bool = True, seed_offset: int = 0) -> Iterator:
-    """This host's stage-2 batches (a checkpointable grain iterator)."""
+def dit_batches(
+    run: DiTRun, rows: tuple[int, int] | None = None, *, shuffle: bool = True, seed_offset: int = 0
+) -> Iterator:
+    """This process's rows [start, stop) of each global stage-2 batch (a checkpointable
+    grain iterator; `loop.host_rows` gives a sharding's rows, the default is an equal
+    contiguous share per process)."""
     from dithead_jax.data import pipelines  # imports TFDS: only when records are read
 
     if not run.data.dir:
         raise ValueError("--config.data.dir must name stage-2 latent records")
-    per_host = run.train.global_batch_size // jax.process_count()
     dataset = pipelines.dit_dataset(
         run.data.dir,
         "train",
-        batch_size=per_host,
+        batch_size=run.train.global_batch_size,
         seed=run.train.seed + seed_offset,
         min_reference_distance=run.data.min_reference_distance,
         with_mask=bool(run.diffusion.mask_weight),
         shuffle=shuffle,
+        host_rows=rows,
     )
     return iter(dataset)
 
@@ -106,13 +111,19 @@ def build_task(
     )
 
     # ---- Input -------------------------------------------------------------------------
+    # Every process reads only the rows of each global batch its devices hold.
+    rows = loop.host_rows(batch_sharding, run.train.global_batch_size)
+    logging.info("Process %d reads rows [%d, %d) of each global batch of %d",
+                 jax.process_index(), *rows, run.train.global_batch_size)  # fmt: skip
     if batches is None:
-        batches = dit_batches(run)
+        batches = dit_batches(run, rows)
     if preview_batch is None and run.data.dir:
         # A fixed, unshuffled batch: the preview shows the same examples at every step.
-        preview_batch = next(dit_batches(run, shuffle=False, seed_offset=1))
+        preview_batch = next(dit_batches(run, rows, shuffle=False, seed_offset=1))
 
-    to_global = loop.global_batcher(dit_step.batch_keys(run.diffusion), batch_sharding)
+    to_global = loop.global_batcher(
+        dit_step.batch_keys(run.diffusion), batch_sharding, run.train.global_batch_size
+    )
 
     # ---- Model and sharded state ---------------------------------------------------------
     tx = make_optimizer(run.train)
@@ -132,7 +143,8 @@ def build_task(
     jitted = dit_step.jit_train_step(step_fn, setup, batch_sharding, compiler_options)
 
     def train_step(state: Any, batch: Any) -> Any:
-        with jax.set_mesh(mesh):
+        # Traced under the rules so that the model's activation constraints apply.
+        with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
             return jitted(state, batch)
 
     # ---- Preview -------------------------------------------------------------------------
@@ -148,7 +160,7 @@ def build_task(
                    "denoised_ema")  # fmt: skip
 
         def preview(state: Any) -> dict[str, np.ndarray]:
-            with jax.set_mesh(mesh):
+            with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
                 out = jax.device_get(preview_fn(state, fixed))
             # Columns: target | masked | reference | z_t (noise grows down) | x0 | x0 (EMA)
             return {"preview": metrics_lib.latent_grid([out[c] for c in columns])[None]}
@@ -166,6 +178,35 @@ def build_task(
     )
 
 
+def lower_train_step(
+    model: cfg.DiTConfig,
+    train: cfg.TrainConfig,
+    mesh: jax.sharding.Mesh,
+    *,
+    diffusion: cfg.DiffusionConfig | None = None,
+    compiler_options: dict[str, Any] | None = None,
+) -> tuple[StateSetup, jax.stages.Lowered]:
+    """The DiT train step lowered for abstract inputs (global batch `train.global_batch_size`)
+    on `mesh`, traced as `build_task` traces it: on the mesh, under the DiT's rules. Nothing
+    is allocated, so `.compile()` gives the per-device memory, FLOPs and collectives of
+    sizes that do not fit this machine (bench/dit.py, tests/test_compiled_sharding.py)."""
+    rules = sharding.DIT_RULES
+    setup = abstract_train_state(
+        lambda rngs: DiT(model, rngs=rngs), make_optimizer(train), mesh=mesh, rules=rules
+    )
+    batch_sharding = sharding.batch_sharding(rules, mesh)
+    n = train.global_batch_size
+    shapes = {k: (n, model.input_size, model.input_size, model.latent_channels)
+              for k in ("latent", "masked_latent", "reference_latent")}  # fmt: skip
+    shapes["audio"] = (n, model.audio_window, model.audio_dim)
+    batch = {k: jax.ShapeDtypeStruct(v, np.float32, sharding=batch_sharding)
+             for k, v in shapes.items()}  # fmt: skip
+    step_fn = dit_step.make_train_step(setup, diffusion or cfg.DiffusionConfig(), train)
+    jitted = dit_step.jit_train_step(step_fn, setup, batch_sharding, compiler_options)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        return setup, jitted.lower(setup.abstract, batch)
+
+
 def train_dit(config: Any, workdir: str | os.PathLike, **task_kwargs: Any) -> loop.RunResult:
     """Builds the task from `config` and runs the loop in `workdir` (resuming if possible)."""
     run = DiTRun.from_config(config)
@@ -175,15 +216,15 @@ def train_dit(config: Any, workdir: str | os.PathLike, **task_kwargs: Any) -> lo
 
 def load_model(workdir: str | os.PathLike, config: Any, *, ema: bool = True) -> nnx.Module:
     """The DiT of the newest checkpoint in `workdir` (EMA weights by default), on one device."""
-    from dithead_jax.training.checkpoint import Checkpointer
+    from dithead_jax.training.checkpoint import Checkpointer, as_path
 
     run = DiTRun.from_config(config)
-    mesh = sharding.make_mesh("dp", jax.devices()[:1])
+    mesh = sharding.make_mesh("dp", jax.local_devices()[:1])
     make_model = lambda rngs: DiT(run.model, rngs=rngs)
     setup = abstract_train_state(
         make_model, make_optimizer(run.train), mesh=mesh, rules=sharding.DIT_RULES
     )
-    ckpt = Checkpointer(os.path.join(os.fspath(workdir), "checkpoints"))
+    ckpt = Checkpointer(as_path(workdir) / "checkpoints")
     try:
         step = ckpt.latest_step()
         if step is None:

@@ -14,10 +14,16 @@ refuses to apply a non-finite update (see `dit_step.make_train_step`); the loop 
 the first non-finite loss with `NonFiniteLossError`, saving nothing, so the newest
 checkpoint on disk is the last good state.
 
-Preemption: SIGTERM sets a flag; the loop finishes the current step, saves, waits for the
-write and returns. In multi-process runs the same decision comes from Orbax's
-`reached_preemption` (jax.distributed's preemption notice), which every process sees at
-the same step, as a collective save needs.
+Preemption. A checkpoint save is collective: every process must decide to stop at the same
+step. With `jax.distributed` running (any multi-process run, see `dithead_jax/distributed.py`)
+JAX's preemption notifier owns SIGTERM: a signal to any one process reaches the others
+through the coordination service, and `reached_preemption` (Orbax over
+`multihost_utils.reached_preemption_sync_point`, a local check every step, no host sync)
+answers True on every process at one agreed step. The loop then installs no Python handler
+(it would replace JAX's). Without the service, SIGTERM sets a flag read after each step.
+Either way the loop saves that step, waits for the write and returns `preempted=True`;
+train.py exits with `EXIT_PREEMPTED` (75, EX_TEMPFAIL) so a scheduler can tell a run to
+requeue from a finished one (0) or one stopped on a non-finite loss (1).
 """
 
 from __future__ import annotations
@@ -37,9 +43,14 @@ import jax
 import numpy as np
 from absl import logging
 
+from dithead_jax import distributed
 from dithead_jax.config import TrainConfig
 from dithead_jax.training import metrics as metrics_lib
-from dithead_jax.training.checkpoint import Checkpointer
+from dithead_jax.training.checkpoint import Checkpointer, as_path
+
+# Exit status of a run that was preempted and saved its state: sysexits.h EX_TEMPFAIL
+# ("try again later"), which schedulers can map to requeue.
+EXIT_PREEMPTED = 75
 
 
 def config_dict(config: Any) -> dict[str, Any]:
@@ -47,15 +58,31 @@ def config_dict(config: Any) -> dict[str, Any]:
     return config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
 
+def host_rows(sharding: jax.sharding.Sharding, global_batch: int) -> tuple[int, int]:
+    """The rows [start, stop) of a (global_batch, ...) array that this process's devices
+    hold under `sharding`: what this process reads and hands `make_global_batch`."""
+    held: set[int] = set()
+    for index in sharding.addressable_devices_indices_map((global_batch,)).values():
+        held.update(range(global_batch)[index[0]])
+    start, stop = min(held), max(held) + 1
+    if len(held) != stop - start:
+        raise ValueError(
+            f"this process's devices hold rows {sorted(held)} of the batch, not one contiguous "
+            "range; build the mesh with jax.make_mesh (contiguous per process)"
+        )
+    return start, stop
+
+
 def global_batcher(
-    keys: tuple[str, ...], batch_sharding: Any
+    keys: tuple[str, ...], batch_sharding: Any, global_batch: int | None = None
 ) -> Callable[[Mapping[str, np.ndarray]], dict[str, jax.Array]]:
-    """host batch -> global `jax.Array`s of `keys` (the stage's model inputs) on the mesh."""
+    """host rows -> global (global_batch, ...) `jax.Array`s of `keys` (the stage's model
+    inputs) on the mesh."""
 
     def to_global(host_batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
         from dithead_jax.data.pipelines import make_global_batch
 
-        return make_global_batch({k: host_batch[k] for k in keys}, batch_sharding)
+        return make_global_batch({k: host_batch[k] for k in keys}, batch_sharding, global_batch)
 
     return to_global
 
@@ -99,14 +126,16 @@ class RunResult:
 
 
 class _StopFlag:
-    """SIGTERM -> flag, restored on exit. Only the main thread may install handlers."""
+    """SIGTERM -> flag, restored on exit. Only the main thread may install handlers, and
+    none is installed when `install` is False (JAX's notifier owns SIGTERM then)."""
 
-    def __init__(self) -> None:
+    def __init__(self, install: bool = True) -> None:
         self.requested = False
+        self._install = install
         self._previous: Any = None
 
     def __enter__(self) -> _StopFlag:
-        if threading.current_thread() is threading.main_thread():
+        if self._install and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
@@ -130,9 +159,9 @@ def _progress_bar(mode: str, total: int, initial: int) -> Any:
 
 def run(task: Task, train: TrainConfig, workdir: str | os.PathLike) -> RunResult:
     """Trains `task` to `train.num_steps`, resuming from `workdir` if it holds checkpoints."""
-    workdir = os.fspath(workdir)
+    workdir = as_path(workdir)
     ckpt = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
+        workdir / "checkpoints",
         keep=train.keep_checkpoints,
         asynchronous=train.async_checkpoints,
     )
@@ -197,16 +226,17 @@ def run(task: Task, train: TrainConfig, workdir: str | os.PathLike) -> RunResult
             pending = None
 
     step = start
+    # jax.distributed's preemption service decides for every process; see the module doc.
+    coordinated = distributed.is_initialized()
     try:
-        with _StopFlag() as stop:
+        with _StopFlag(install=not coordinated) as stop:
             while step < train.num_steps:
                 host_batch = next(task.batches)
                 state, device_metrics = task.train_step(state, task.to_global(host_batch))
                 step += 1
                 flush()  # the previous step's metrics, while this one runs
                 pending = (step, device_metrics)
-                preempt = stop.requested or (jax.process_count() > 1
-                                             and ckpt.reached_preemption(step))  # fmt: skip
+                preempt = stop.requested or (coordinated and ckpt.reached_preemption(step))
                 if task.preview is not None and step % train.image_every == 0:
                     flush()
                     started = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Metric writers (console + TensorBoard) without TensorFlow, MFU bookkeeping, image grids.
+"""Metric writers (console + TensorBoard + JSON lines) without TensorFlow, MFU bookkeeping,
+image grids.
 
 clu's `metric_writers` package imports its TensorFlow `SummaryWriter` from `__init__`, so
 `import clu.metric_writers` fails without TensorFlow (and its torch backend needs the
@@ -8,11 +9,18 @@ clu's `metric_writers` package imports its TensorFlow `SummaryWriter` from `__in
 To import the package at all, `_install_summary_writer_stub` registers a stand-in for
 `clu.metric_writers.summary_writer` when TensorFlow is missing; its `SummaryWriter` only
 raises, pointing here. Nothing else of clu is patched.
+
+`JsonlWriter` appends every `write_scalars` call to `<workdir>/metrics.jsonl` as one line
+{"step": s, "loss": ..., ...} with full float precision: a record scripts and tests read
+without a TensorBoard reader (the console rounds to 6 digits). A resumed run appends; a
+step written twice (re-run after SIGKILL) is read as its last line.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import sys
 import time
 import types
@@ -22,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 
 def _install_summary_writer_stub() -> None:
@@ -52,10 +61,11 @@ MetricWriter = interface.MetricWriter
 class TensorboardXWriter(interface.MetricWriter):
     """clu `MetricWriter` that writes TensorBoard event files through tensorboardX."""
 
-    def __init__(self, logdir: str):
+    def __init__(self, logdir: str | os.PathLike):
         from tensorboardX import SummaryWriter  # imported here: only process 0 writes files
 
-        self._writer = SummaryWriter(logdir=logdir, flush_secs=30)
+        # str() keeps gs:// as is (tensorboardX writes remote paths itself).
+        self._writer = SummaryWriter(logdir=str(logdir), flush_secs=30)
 
     def write_summaries(self, step: int, values: Mapping[str, Any], metadata: Any = None):
         for key, value in values.items():
@@ -106,19 +116,80 @@ class TensorboardXWriter(interface.MetricWriter):
         self._writer.close()
 
 
+class JsonlWriter(interface.MetricWriter):
+    """Scalars only, one JSON line per `write_scalars` call appended to `path` (module doc)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = epath.Path(path)
+        self._lines: list[str] = []
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        row = {"step": int(step)} | {k: float(np.asarray(v)) for k, v in scalars.items()}
+        self._lines.append(json.dumps(row))
+        self.flush()  # a line per log step: cheap, and nothing is lost to a SIGKILL
+
+    def write_summaries(self, step: int, values: Mapping[str, Any], metadata: Any = None):
+        pass
+
+    def write_images(self, step: int, images: Mapping[str, Any]):
+        pass
+
+    def write_videos(self, step: int, videos: Mapping[str, Any]):
+        pass
+
+    def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int):
+        pass
+
+    def write_texts(self, step: int, texts: Mapping[str, str]):
+        pass
+
+    def write_histograms(self, step: int, arrays: Mapping[str, Any], num_buckets: Any = None):
+        pass
+
+    def write_hparams(self, hparams: Mapping[str, Any]):
+        pass
+
+    def flush(self):
+        if not self._lines:
+            return
+        text = "".join(line + "\n" for line in self._lines)
+        if "://" in os.fspath(self.path):
+            # Object stores have no append: read, extend, rewrite.
+            old = self.path.read_text() if self.path.exists() else ""
+            self.path.write_text(old + text)
+        else:
+            with open(self.path, "a") as f:
+                f.write(text)
+        self._lines.clear()
+
+    def close(self):
+        self.flush()
+
+
+def read_jsonl(path: str | os.PathLike) -> dict[int, dict[str, float]]:
+    """step -> scalars of a `metrics.jsonl` (the last line of a step wins)."""
+    rows = [json.loads(line) for line in epath.Path(path).read_text().splitlines() if line]
+    return {int(r.pop("step")): r for r in rows}
+
+
 def create_writer(
-    logdir: str | None, *, just_logging: bool | None = None, asynchronous: bool = True
+    logdir: str | os.PathLike | None,
+    *,
+    just_logging: bool | None = None,
+    asynchronous: bool = True,
 ) -> MetricWriter:
     """clu's `create_default_writer` with TensorBoard files from tensorboardX.
 
-    Console (absl INFO) always; event files in `logdir` only when not `just_logging`
-    (default: every process but 0, so one host writes the files).
+    Console (absl INFO) always; event files and `metrics.jsonl` in `logdir` (a local path
+    or an epath URL such as gs://...) only when not `just_logging` (default: every process
+    but 0, so one host writes the files).
     """
     if just_logging is None:
         just_logging = jax.process_index() > 0
     writers: list[MetricWriter] = [metric_writers.LoggingWriter()]
     if logdir and not just_logging:
         writers.append(TensorboardXWriter(logdir))
+        writers.append(JsonlWriter(epath.Path(logdir) / "metrics.jsonl"))
     if asynchronous:
         return metric_writers.AsyncMultiWriter(writers)
     return metric_writers.MultiWriter(writers)

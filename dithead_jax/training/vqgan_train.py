@@ -243,10 +243,15 @@ def image_grid(columns: list[np.ndarray], pad: int = 2) -> np.ndarray:
 
 
 def vqgan_batches(
-    run: VQGANRun, *, shuffle: bool = True, seed_offset: int = 0, crop: bool = True
+    run: VQGANRun,
+    rows: tuple[int, int] | None = None,
+    *,
+    shuffle: bool = True,
+    seed_offset: int = 0,
+    crop: bool = True,
 ) -> Iterator:
-    """This host's stage-1 batches {"image": (B, S, S, 3) in [-1, 1]} (a grain iterator),
-    random `run.crop` windows unless crop=False."""
+    """This process's rows [start, stop) of each global stage-1 batch {"image": (B, S, S, 3)
+    in [-1, 1]} (a grain iterator), random `run.crop` windows unless crop=False."""
     from dithead_jax.data import pipelines  # imports TFDS: only when records are read
 
     if not run.data.dir:
@@ -254,12 +259,13 @@ def vqgan_batches(
     dataset = pipelines.vqgan_dataset(
         run.data.dir,
         "train",
-        batch_size=run.train.global_batch_size // jax.process_count(),
+        batch_size=run.train.global_batch_size,
         seed=run.train.seed + seed_offset,
         target=run.target,  # type: ignore[arg-type]
         shuffle=shuffle,
         crop=run.crop if crop else 0,
         with_mask=bool(run.loss.mask_weight),
+        host_rows=rows,
     )
     return iter(dataset)
 
@@ -285,14 +291,18 @@ def build_task(
     )
 
     # ---- Input -------------------------------------------------------------------------
+    # Every process reads only the rows of each global batch its devices hold.
+    rows = loop.host_rows(batch_sharding, run.train.global_batch_size)
+    logging.info("Process %d reads rows [%d, %d) of each global batch of %d",
+                 jax.process_index(), *rows, run.train.global_batch_size)  # fmt: skip
     if batches is None:
-        batches = vqgan_batches(run)
+        batches = vqgan_batches(run, rows)
     if preview_batch is None and run.data.dir:
         # A fixed, unshuffled batch of whole frames: the same ones at every preview.
-        preview_batch = next(vqgan_batches(run, shuffle=False, seed_offset=1, crop=False))
+        preview_batch = next(vqgan_batches(run, rows, shuffle=False, seed_offset=1, crop=False))
 
     keys = BATCH_KEYS + (("mask",) if run.loss.mask_weight else ())
-    to_global = loop.global_batcher(keys, batch_sharding)
+    to_global = loop.global_batcher(keys, batch_sharding, run.train.global_batch_size)
 
     # ---- Model and sharded state ---------------------------------------------------------
     make_model = lambda rngs: VQGANTrainer(run.model, run.loss, rngs=rngs)
@@ -374,9 +384,9 @@ def load_model(workdir: str | os.PathLike, *, ema: bool = False, step: int | Non
     The run config is read from the checkpoint itself. Plain weights by default: LDM's
     VQGANs keep no EMA, and an averaged codebook blurs codes that were re-seeded as dead.
     """
-    from dithead_jax.training.checkpoint import Checkpointer
+    from dithead_jax.training.checkpoint import Checkpointer, as_path
 
-    ckpt = Checkpointer(os.path.join(os.fspath(workdir), "checkpoints"))
+    ckpt = Checkpointer(as_path(workdir) / "checkpoints")
     try:
         step = ckpt.latest_step() if step is None else step
         if step is None:
@@ -385,7 +395,7 @@ def load_model(workdir: str | os.PathLike, *, ema: bool = False, step: int | Non
         if config is None:
             raise FileNotFoundError(f"checkpoint {step} in {ckpt.directory} has no run config")
         run = VQGANRun.from_config(config)
-        mesh = sharding.make_mesh("dp", jax.devices()[:1])
+        mesh = sharding.make_mesh("dp", jax.local_devices()[:1])
         setup = abstract_train_state(
             lambda rngs: VQGANTrainer(run.model, run.loss, rngs=rngs),
             make_optimizer(run),
