@@ -10,7 +10,7 @@ JOBS ?= 2
 # Debian's 68-point dlib predictor (offline landmarks); sudo only when not root.
 APT_INSTALL := $(if $(filter 0,$(shell id -u)),,sudo) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$$0"'
 
-.PHONY: setup demo test lint format bench multihost clean
+.PHONY: setup demo test lint format bench mutate multihost clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,13 @@ format: setup
 
 bench: setup
 	$(PY) bench/synthetic.py
+
+# Mutation testing (cosmic-ray) of diffusion/, masks, audio features, VQGAN losses and
+# sharding, each against a fast covering test subset: survivors are printed as JSON (see
+# README, "Testing"). Not part of `make test`: ~40 min on 2 cores at the default sample.
+MUTANTS ?= 30
+mutate: setup
+	$(PY) scripts/mutate.py --per-module $(MUTANTS)
 
 # The tiny DiT on random latents as 2 processes x 4 CPU devices through jax.distributed
 # (scripts/multihost.py; logs in $(MH_WORKDIR)/process_*.log). Re-run to resume.

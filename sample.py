@@ -7,9 +7,10 @@
         [--coordinator_address HOST:PORT --num_processes N --process_id I]
 
 W is a train.py DiT workdir; the VQGANs and audio features are found from it. Video mode
-preprocesses V as data/preprocess.py does, drives it with A (audio longer than the video
-loops the video back and forth; shorter audio trims it), pastes each generated face back
-through its crop box with the soft lower-face mask and writes O.mp4 with A as its sound.
+preprocesses V as data/preprocess.py does, drives it with A (V may be silent: its own sound is
+never read; audio longer than the video loops the video back and forth; shorter audio trims
+it), pastes each generated face back through its crop box with the soft lower-face mask and
+writes O.mp4 with A as its sound.
 
 --eval also runs as several processes (`jax.distributed`: the three flags on a bare launch,
 or a cluster JAX detects): each process generates a contiguous share of the clips on its
@@ -79,11 +80,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def generate_video(args: argparse.Namespace, models) -> None:
+def dubbing_inputs(
+    video: str, audio: str, landmarks: str, stage1: dict, size: int, audio_dim: int
+) -> dict:
+    """The face crops of `video` (preprocessed as the training set was: `stage1` is its
+    provenance) and the speech of `audio` for video mode; bad input fails with one line.
+
+    The speech comes from `audio` alone, so `video` may have no sound. Returns crops (the
+    per-frame records of `process_video`), speech (N,) float32 at `rate`, cfg, featurizer.
+    """
     import numpy as np
 
     from dithead_jax.config import DataConfig
-    from dithead_jax.data import audio_features as af
     from dithead_jax.data.preprocess import (
         AudioFeaturizer,
         PreprocessConfig,
@@ -91,29 +99,50 @@ def generate_video(args: argparse.Namespace, models) -> None:
         make_frame_landmarker,
         process_video,
     )
-    from dithead_jax.data.video_io import MediaError, iter_frames_at_fps, read_audio, write_video
-    from dithead_jax.generation import frames_for_audio, paste_back, pingpong_indices
-    from dithead_jax.sampling import generate_faces
+    from dithead_jax.data.video_io import MediaError, read_audio
 
-    stage1 = models.latents.get("stage1_provenance", {})
-    size = int(models.latents["image_size"])
-    data = DataConfig(image_size=size, audio_dim=models.dit_run.model.audio_dim)
-    landmarks = args.landmarks
+    data = DataConfig(image_size=size, audio_dim=audio_dim)
     if landmarks == "sidecar_or_dlib":
-        landmarks = "sidecar" if Path(args.video).with_suffix(".npz").is_file() else "dlib"
+        landmarks = "sidecar" if Path(video).with_suffix(".npz").is_file() else "dlib"
     # Crop exactly as the training set was cropped (datasets made before --margin: 0.35).
     margin = float(stage1.get("margin", PreprocessConfig.margin))
     cfg = PreprocessConfig(
         landmarks=landmarks, size=size, margin=margin, missing_face="drop_video", data=data
     )
-    spec = stage1.get("audio_features", "logmel")
-    featurizer = AudioFeaturizer(spec, data)
+    featurizer = AudioFeaturizer(stage1.get("audio_features", "logmel"), data)
     try:
-        chunks = list(process_video(Path(args.video), cfg, featurizer, make_frame_landmarker(cfg)))
-        speech, rate = read_audio(args.audio, data.sample_rate)
+        landmarker = make_frame_landmarker(cfg)
+        chunks = list(process_video(Path(video), cfg, None, landmarker, with_audio=False))
     except (SkipVideo, MediaError) as e:
-        fail(PROG, f"{args.video}: {e}")
+        fail(PROG, f"{video}: {e}")
+    try:
+        speech, rate = read_audio(audio, data.sample_rate)
+    except MediaError as e:
+        fail(PROG, str(e))  # names the audio file alone
+    if len(speech) == 0:
+        fail(PROG, f"{audio}: the audio stream holds no samples")
     crops = {k: np.concatenate([c[k] for _, c in chunks]) for k in chunks[0][1]}
+    return dict(crops=crops, speech=speech, rate=rate, cfg=cfg, featurizer=featurizer)
+
+
+def generate_video(args: argparse.Namespace, models) -> None:
+    import numpy as np
+
+    from dithead_jax.data import audio_features as af
+    from dithead_jax.data.video_io import iter_frames_at_fps, write_video
+    from dithead_jax.generation import frames_for_audio, paste_back, pingpong_indices
+    from dithead_jax.sampling import generate_faces
+
+    inputs = dubbing_inputs(
+        args.video,
+        args.audio,
+        args.landmarks,
+        models.latents.get("stage1_provenance", {}),
+        int(models.latents["image_size"]),
+        models.dit_run.model.audio_dim,
+    )
+    crops, speech, rate = inputs["crops"], inputs["speech"], inputs["rate"]
+    data, featurizer = inputs["cfg"].data, inputs["featurizer"]
     count = frames_for_audio(len(crops["frame"]), len(speech), rate, data.fps)
     index = pingpong_indices(len(crops["frame"]), count)
     speech = af.peak_normalize(speech[: count * rate // data.fps])

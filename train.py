@@ -15,8 +15,14 @@ names the coordinator itself, on each process I of N:
     python train.py ... --coordinator_address HOST:PORT --num_processes N --process_id I
 
 --workdir may be a local path or a URL Orbax and tensorboardX write to (gs://bucket/run).
-Exit status: 0 finished, 75 (EX_TEMPFAIL) preempted with its checkpoint saved (requeue it),
-1 stopped on a non-finite loss, 2 bad flags, config or data.
+Exit status (constants in training/loop.py and cli.py):
+    0   finished (or nothing to do: num_steps already reached)
+    2   bad flags, config or data; the workdir is in use by another train.py; or its
+        checkpoints were saved by a different model (or none of them restores)
+    3   stopped on a non-finite loss, gradient or parameter; that state was not saved
+    75  preempted (SIGTERM) with its checkpoint saved: requeue it (EX_TEMPFAIL)
+    1   anything else (an unexpected crash)
+One train.py per workdir: process 0 holds `<workdir>/train.lock` (training/workdir.py).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import logging as py_logging
 import os
 import sys
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -59,7 +66,8 @@ def main(argv: list[str]) -> None:
     # Before anything touches a device: multi-host jobs must agree on the device set.
     initialize_distributed("train.py", _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
-    from dithead_jax.training import dit_train, loop, vqgan_train
+    from dithead_jax.training import dit_train, vqgan_train
+    from dithead_jax.training import workdir as workdir_lib
 
     trainers = {
         "vqgan": (vqgan_train.VQGANRun, vqgan_train.build_task),
@@ -70,19 +78,51 @@ def main(argv: list[str]) -> None:
         fail("train.py", f"config.stage must be one of {sorted(trainers)}, got {stage!r}")
     run_type, build_task = trainers[stage]
 
+    try:  # bad config: one line, no traceback
+        run = run_type.from_config(_CONFIG.value)
+    except (ValueError, FileNotFoundError) as e:
+        fail("train.py", str(e))
+    if run.train.num_steps <= 0 and not _has_checkpoints(_WORKDIR.value):
+        logging.info("Nothing to do: num_steps is %d; %s left as it was.",
+                     run.train.num_steps, _WORKDIR.value)  # fmt: skip
+        return
     workdir = run_dir("train.py", _WORKDIR.value)  # gs://... stays a URL
+    # Before anything is written there; only process 0: the others are the same run.
+    try:
+        with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0):
+            _train(run, build_task, workdir)
+    except workdir_lib.WorkdirBusyError as e:
+        fail("train.py", str(e))
+
+
+def _has_checkpoints(workdir: str) -> bool:
+    from dithead_jax.training.checkpoint import as_path
+
+    return (as_path(workdir) / "checkpoints").exists()
+
+
+def _train(run: Any, build_task: Any, workdir: Any) -> None:
+    """Builds the stage's task and runs the loop in the locked `workdir`."""
+    import jax
+
+    from dithead_jax.cli import fail
+    from dithead_jax.training import loop
+    from dithead_jax.training.checkpoint import UnrestorableError
+    from dithead_jax.training.workdir import ResumeMismatchError
+
     if "://" not in str(workdir) and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         # A resumed run (after preemption, say) then skips recompiling its step.
         jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
-    try:  # bad config or data: one line, no traceback
-        run = run_type.from_config(_CONFIG.value)
+    try:  # bad data: one line, no traceback
         task = build_task(_CONFIG.value)
     except (ValueError, FileNotFoundError) as e:
         fail("train.py", str(e))
     try:
         result = loop.run(task, run.train, workdir)
+    except (ResumeMismatchError, UnrestorableError) as e:
+        fail("train.py", str(e))
     except loop.NonFiniteLossError as e:
-        fail("train.py", str(e), code=1)
+        fail("train.py", str(e), code=loop.EXIT_NON_FINITE)
     what = "preempted at" if result.preempted else "finished at"
     logging.info("Training %s step %d (resumed from step %d).",
                  what, result.final_step, result.start_step)  # fmt: skip
@@ -91,5 +131,18 @@ def main(argv: list[str]) -> None:
         sys.exit(loop.EXIT_PREEMPTED)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, but a `--config.<field>` override naming no field is one line, exit 2."""
+    from dithead_jax.cli import config_override_error, fail
+
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (KeyError, AttributeError) as e:
+        message = config_override_error(e, argv)
+        if message is None:
+            raise
+        fail("train.py", message)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

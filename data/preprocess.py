@@ -8,8 +8,10 @@ Every video under DIR (mp4/mov/mkv/avi/webm; `<identity>/<clip>.<ext>`) becomes 
 DATASET/videos/; finished videos are skipped on a re-run. The last step assembles
 DATASET/dataset/, a TFDS ArrayRecord dataset (splits `train` and `test` by identity). With
 --num-shards > 1 (a SLURM array, TPU hosts), each host takes every N-th video; run once more
-with --finalize-only when all shards are done. Bad videos are listed with their reason at the
-end; the exit status is non-zero if no usable video exists.
+with --finalize-only when all shards are done. Any file name works: one that is not plain ASCII
+is stored under a safe id (an ASCII slug + 8 hex digits of its hash) and keeps its own name as
+`source` in the video index. Bad videos are listed with their reason at the end; the exit
+status is non-zero if no usable video exists.
 """
 
 import argparse

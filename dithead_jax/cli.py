@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -11,8 +12,12 @@ from typing import NoReturn
 
 from etils import epath
 
+# Exit status of every entry point given bad flags, config or data (absl's usage errors
+# and argparse use 2 as well).
+EXIT_BAD_INPUT = 2
 
-def fail(prog: str, message: str, code: int = 2) -> NoReturn:
+
+def fail(prog: str, message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     """Prints `prog: error: message` as one line on stderr and exits non-zero."""
     print(f"{prog}: error: {message}", file=sys.stderr)
     sys.exit(code)
@@ -68,3 +73,26 @@ def initialize_distributed(
         return distributed.initialize(coordinator_address, num_processes, process_id)
     except ValueError as e:
         fail(prog, str(e))
+
+
+def config_override_error(error: BaseException, argv: list[str]) -> str | None:
+    """One line for an ml_collections `--config.a.b=...` override naming no field, or None
+    for any other error. ml_collections raises a chained KeyError/AttributeError from inside
+    absl's flag parsing (a page of traceback); its root KeyError holds the bad name."""
+    chain, seen = [], error
+    while seen is not None and len(chain) < 16:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    keys = [e.args[0] for e in chain if isinstance(e, KeyError) and e.args]
+    plain = [k for k in keys if isinstance(k, str) and "\n" not in k and "'" not in k]
+    if not isinstance(error, KeyError | AttributeError) or not plain:
+        return None
+    name = plain[-1]
+    overrides = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    flag = next((f for f in overrides if name in f[len("--config.") :].split(".")), None)
+    where = f"{flag}: " if flag else ""
+    message = f"{where}the config has no field {name!r}"
+    hint = re.search(r'Did you mean "([^"]+)"', " ".join(str(k) for k in keys))
+    if hint:
+        return f"{message}; did you mean {hint.group(1)!r}?"
+    return f"{message} (see the config file for the fields it defines)"

@@ -26,27 +26,66 @@ INNER_LIPS = tuple(range(60, 68))
 LOWER_FACE_HULL = tuple(range(1, 16)) + (33,)
 
 
-def from_dict(cls: type[T], values: dict[str, Any] | Any) -> T:
+class ConfigError(ValueError):
+    """An impossible config value; `str()` is one line naming the field and what to change.
+
+    `path` is the field's dotted name inside the run config once `from_dict` knows it
+    (`model.depth`), else the dataclass's (`DiTConfig.depth`).
+    """
+
+    def __init__(self, path: str, problem: str):
+        self.path, self.problem = path, problem
+        super().__init__(f"{path} {problem}")
+
+    def under(self, prefix: str) -> ConfigError:
+        return ConfigError(f"{prefix}.{self.path.split('.', 1)[-1]}", self.problem)
+
+
+def from_dict(cls: type[T], values: dict[str, Any] | Any, path: str = "") -> T:
     """Builds a (possibly nested) config dataclass from a dict or `ConfigDict`.
 
     Unknown keys are an error so that a typo on the command line cannot pass silently.
+    `path` (e.g. "config.model") names the fields in validation errors.
     """
     if hasattr(values, "to_dict"):
         values = values.to_dict()
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(values) - set(fields)
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
+        raise ValueError(f"{path or cls.__name__}: unknown field(s) {sorted(unknown)}")
     kwargs = {}
     for name, value in values.items():
         field_type = fields[name].type
         nested = _DATACLASSES.get(field_type) if isinstance(field_type, str) else None
         if nested is not None and isinstance(value, dict):
-            value = from_dict(nested, value)
+            value = from_dict(nested, value, f"{path}.{name}" if path else "")
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        if not path or not e.path.startswith(cls.__name__ + "."):
+            raise
+        raise e.under(path) from None
+
+
+def _check(instance: Any, name: str, ok: bool, problem: str) -> None:
+    if not ok:
+        value = getattr(instance, name)
+        raise ConfigError(f"{type(instance).__name__}.{name}", f"{problem} (got {value!r})")
+
+
+def _positive(instance: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(instance, name)
+        _check(instance, name, isinstance(value, int | float) and value > 0, "must be > 0")
+
+
+def _non_negative(instance: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(instance, name)
+        _check(instance, name, isinstance(value, int | float) and value >= 0, "must be >= 0")
 
 
 def to_dict(instance: Any) -> dict[str, Any]:
@@ -74,6 +113,11 @@ class DataConfig:
     mask_fill: float = 0.0
     # Reference frame at least this many frames from the target (paper: 60).
     min_reference_distance: int = 60
+
+    def __post_init__(self) -> None:
+        _positive(self, "image_size", "fps", "sample_rate", "audio_window", "audio_dim")
+        _positive(self, "mask_blur_kernel", "mask_blur_sigma")
+        _non_negative(self, "min_reference_distance")
 
     @property
     def audio_features(self) -> int:
@@ -121,6 +165,16 @@ class DiTConfig:
     scan_layers: bool = False
     dtype: str = "float32"  # compute dtype; params stay float32
     param_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _positive(self, "input_size", "patch_size", "latent_channels", "hidden_size", "depth")
+        _positive(self, "num_heads", "mlp_ratio", "audio_window", "audio_dim")
+        _check(self, "hidden_size", self.hidden_size % self.num_heads == 0,
+               f"must be a multiple of num_heads={self.num_heads}")  # fmt: skip
+        _check(self, "patch_size", self.input_size % self.patch_size == 0,
+               f"must divide input_size={self.input_size}")  # fmt: skip
+        _check(self, "context_layout", self.context_layout in ("audio_tokens", "single_token"),
+               "must be 'audio_tokens' or 'single_token'")  # fmt: skip
 
     @classmethod
     def named(cls, name: str, **overrides: Any) -> DiTConfig:
@@ -172,6 +226,12 @@ class DiffusionConfig:
     # the only part the DiT must invent from audio; elsewhere z_masked already shows the
     # answer, and a short run otherwise spends itself there (0 = the paper's plain MSE).
     mask_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "num_timesteps", "beta_start", "beta_end")
+        _check(self, "beta_end", self.beta_start < self.beta_end < 1,
+               f"must lie in (beta_start={self.beta_start}, 1)")  # fmt: skip
+        _non_negative(self, "mask_weight")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +298,14 @@ class TrainConfig:
     # "auto": a tqdm bar when stderr is a terminal; "bar"; "none".
     progress: str = "auto"
 
+    def __post_init__(self) -> None:
+        _positive(self, "global_batch_size", "log_every", "checkpoint_every", "keep_checkpoints")
+        _non_negative(self, "num_steps", "learning_rate", "weight_decay", "warmup_steps")
+        _non_negative(self, "image_every", "preview_count", "peak_tflops")
+        _check(self, "ema_decay", 0 <= self.ema_decay <= 1, "must lie in [0, 1]")
+        _check(self, "grad_clip_norm", self.grad_clip_norm is None or self.grad_clip_norm > 0,
+               "must be > 0 or None")  # fmt: skip
+
 
 @dataclasses.dataclass(frozen=True)
 class VQGANConfig:
@@ -266,6 +334,22 @@ class VQGANConfig:
     commitment_beta: float = 0.25
     dtype: str = "float32"  # compute dtype; params stay float32
     param_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _positive(self, "in_channels", "out_channels", "ch", "num_res_blocks", "resolution")
+        _positive(self, "norm_groups", "z_channels", "embed_dim", "codebook_size")
+        _non_negative(self, "commitment_beta")
+        mult = self.ch_mult
+        _check(self, "ch_mult", len(mult) > 0 and all(isinstance(m, int) and m > 0 for m in mult),
+               "must be a non-empty tuple of positive ints, e.g. '(1,2,4)'")  # fmt: skip
+        # GroupNorm splits every level's channels into norm_groups groups.
+        bad = [self.ch * m for m in mult if (self.ch * m) % self.norm_groups]
+        _check(self, "norm_groups", not bad and self.ch % self.norm_groups == 0,
+               f"must divide ch x every ch_mult (ch={self.ch}, ch_mult={mult})")  # fmt: skip
+        factor = self.downsample_factor
+        _check(self, "resolution", self.resolution % factor == 0,
+               f"must be a multiple of the downsampling factor {factor}")  # fmt: skip
+        _check(self, "dropout", self.dropout == 0, "must be 0 (dropout is not implemented)")
 
     @property
     def downsample_factor(self) -> int:
@@ -320,6 +404,12 @@ class VQGANLossConfig:
     # of a decoded face, so that is where the decoder's fidelity counts; small models
     # otherwise spend their capacity on hair and background (0 = plain L1, as taming).
     mask_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "disc_layers", "disc_channels", "adaptive_weight_max")
+        _non_negative(self, "pixel_weight", "perceptual_weight", "codebook_weight", "disc_start")
+        _non_negative(self, "disc_weight", "disc_factor", "base_learning_rate", "dead_code_steps")
+        _non_negative(self, "mask_weight")
 
     def learning_rate(self, global_batch_size: int) -> float:
         return self.base_learning_rate * (global_batch_size if self.scale_lr_by_batch else 1)

@@ -12,6 +12,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # when run as a sc
 
 from dithead_jax.data import records  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dit_testing_config(data_dir: str | Path):
+    """configs/dit.py:testing (an ml_collections ConfigDict) reading `data_dir`."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dit_config", ROOT / "configs" / "dit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("testing")
+    config.data.dir = str(data_dir)
+    return config
+
 
 def write_stage1_clip(
     out_dir: str | Path,

@@ -26,6 +26,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -143,3 +144,43 @@ def test_vqgan_step_convs_compute_only_their_share():
     assert len(examples["lpips"]) >= 10 and set(examples["lpips"]) == {2 * per_device}
     # The LPIPS pair interleave and the feature-map pins leave nothing to reshuffle.
     assert not re.search(r" (all-to-all|collective-permute)\(", hlo)
+
+
+# The batch axes each rule set promises: the DiT splits examples over data x fsdp (tensor
+# splits heads), the VQGAN over all three axes.
+BATCH_AXES = {"dit": ("data", "fsdp"), "vqgan": ("data", "fsdp", "tensor")}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("stage", ["dit", "vqgan"])
+def test_input_batch_is_split_over_the_batch_axes(stage: str, preset: str):
+    """The global batch the trainers build (`training_mesh` -> `host_rows` ->
+    `global_batcher`) puts global / batch-shards distinct rows on each device: a batch
+    sharding of P() (every device holding, and so computing, the whole batch) fails here
+    while every loss would still be equal."""
+    from dithead_jax.training import loop
+
+    rules = sharding.DIT_RULES if stage == "dit" else sharding.VQGAN_RULES
+    mesh, batch_sharding = sharding.training_mesh(sharding.mesh_config(preset), rules, GLOBAL_BATCH)
+    shards = 1
+    for axis in BATCH_AXES[stage]:
+        shards *= mesh.shape[axis]
+    assert loop.host_rows(batch_sharding, GLOBAL_BATCH) == (0, GLOBAL_BATCH)  # one process
+    rows = np.arange(GLOBAL_BATCH, dtype=np.float32)
+    host = {
+        "latents": np.broadcast_to(rows[:, None, None, None], (GLOBAL_BATCH, 4, 4, 3)),
+        "audio": np.broadcast_to(rows[:, None, None], (GLOBAL_BATCH, 11, 33)),
+    }
+    batch = loop.global_batcher(tuple(host), batch_sharding, GLOBAL_BATCH)(host)
+    per_device = GLOBAL_BATCH // shards
+    for key, array in batch.items():
+        assert array.shape == host[key].shape
+        held = {}
+        for shard in array.addressable_shards:
+            assert shard.data.shape == (per_device, *host[key].shape[1:]), (key, preset)
+            held[shard.device] = tuple(np.asarray(shard.data).reshape(per_device, -1)[:, 0])
+        # Devices differing only along a non-batch axis hold the same rows; together the
+        # `shards` distinct row sets tile the batch in order.
+        distinct = sorted(set(held.values()))
+        assert len(distinct) == shards
+        assert [r for rs in distinct for r in rs] == list(range(GLOBAL_BATCH))

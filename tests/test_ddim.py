@@ -104,6 +104,50 @@ def test_clip_x0():
     np.testing.assert_allclose(x0_pred, 1.0)
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_ddim_step_with_eta_matches_diffusers(prediction):
+    """eta > 0 against an independent implementation: diffusers' DDIMScheduler, step by step
+    along a 50-step "leading" chain down to t_prev = -1 (abar = 1), with the same x_t, a
+    non-zero stand-in model output and the same variance noise fed to both."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    steps = 50
+    ref = diffusers.DDIMScheduler(
+        num_train_timesteps=SCHEDULE.num_timesteps,
+        trained_betas=np.asarray(SCHEDULE.betas, np.float64),
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        timestep_spacing="leading",
+        prediction_type="v_prediction" if prediction == "v" else "epsilon",
+    )
+    ref.set_timesteps(steps)
+    ts = ddim.ddim_timesteps(SCHEDULE.num_timesteps, steps, "leading")
+    np.testing.assert_array_equal(ref.timesteps.numpy(), ts)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 4, 4, C)).astype(np.float32)
+    for k, t in enumerate(ts):
+        t_prev = ts[k + 1] if k + 1 < steps else -1
+        # Depends on x and t, so eps/v are far from 0 and differ per step.
+        out = (0.8 * np.tanh(x) + 0.3 * np.cos(t / 90.0)).astype(np.float32)
+        noise = rng.standard_normal(x.shape).astype(np.float32)
+        for eta in (0.3, 1.0):
+            want = ref.step(
+                torch.from_numpy(out),
+                int(t),
+                torch.from_numpy(x),
+                eta=eta,
+                variance_noise=torch.from_numpy(noise),
+            )
+            tt = jnp.full((2,), t, jnp.int32)
+            got, x0 = ddim_step(
+                SCHEDULE, x, tt, jnp.full_like(tt, t_prev), out, prediction, eta, noise
+            )
+            np.testing.assert_allclose(x0, want.pred_original_sample.numpy(), rtol=1e-4, atol=2e-5)
+            np.testing.assert_allclose(got, want.prev_sample.numpy(), rtol=1e-4, atol=2e-5)
+        x = want.prev_sample.numpy()
+
+
 # ---------------------------------------------------------------------------------------
 # Whole samplers
 
@@ -129,6 +173,26 @@ def run_oracle(masked, audio, first, rng, eta, *, mode, order, steps=6, spacing=
         oracle, SCHEDULE, masked, audio, first, rng,
         num_steps=steps, eta=eta, mode=mode, order=order, spacing=spacing,
     )  # fmt: skip
+
+
+@rbg_warning
+def test_a_python_float_eta_above_zero_still_draws_step_noise():
+    """eta given as a Python number (static, not traced) skips the noise draw only at 0.
+    With a zero-eps model the eta = 0 chain is x0 = x_T / sqrt(abar_T) rescaled, and only
+    the step noise can make eta = 1 differ from it (same key, same initial noise)."""
+    masked, audio, first = clip_inputs(1, 2, 4)
+
+    def zero_eps(x, t, audio):
+        return jnp.zeros_like(x[..., :C])
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(eta):
+        return ddim.sample_video(
+            zero_eps, SCHEDULE, masked, audio, first, fast_key(1),
+            num_steps=3, eta=eta, mode="fixed", order="parallel", spacing="uniform",
+        )  # fmt: skip
+
+    assert float(jnp.abs(run(1.0) - run(0.0)).max()) > 1e-2
 
 
 @rbg_warning

@@ -22,6 +22,11 @@ def test_adm_linear_betas_endpoints():
     assert np.all(np.diff(betas) > 0)
     # ADM rescales the endpoints by 1000/T so a shorter chain covers the same process.
     short = sch.make_betas("linear", 250, 1e-4, 0.02)
+    # The defaults are ADM's endpoints, the config's.
+    d = DiffusionConfig()
+    np.testing.assert_array_equal(
+        sch.make_betas("linear", 1000), sch.make_betas("linear", 1000, d.beta_start, d.beta_end)
+    )
     assert short[0] == pytest.approx(4e-4) and short[-1] == pytest.approx(0.08)
 
 
@@ -173,3 +178,47 @@ def test_diffusion_loss_and_gradient():
     assert jax.eval_shape(sch.diffusion_loss, pred.astype(jnp.bfloat16), target).dtype == (
         jnp.float32
     )
+
+
+def test_posterior_is_the_eta_one_ddim_step(adm):
+    """q(x_{t-1} | x_t, x0) (DDPM, Ho et al. Eq. 7): its mean coefficients and variance equal
+    the eta = 1 DDIM step's from t to t - 1 written with x_t = sqrt(abar) x0 + sqrt(1-abar) eps
+    (Song et al. Eq. 12), an independent derivation."""
+    t = np.array([1, 2, 10, 400, 999])
+    abar = np.asarray(adm.alphas_cumprod, np.float64)[t]
+    prev = np.asarray(adm.alphas_cumprod, np.float64)[t - 1]
+    var = np.asarray(adm.posterior_variance, np.float64)[t]
+    np.testing.assert_allclose(var, (1 - prev) / (1 - abar) * (1 - abar / prev), rtol=1e-3)
+    c1 = np.asarray(adm.posterior_mean_coef1, np.float64)[t]
+    c2 = np.asarray(adm.posterior_mean_coef2, np.float64)[t]
+    # x0 and eps coefficients of c1 x0 + c2 x_t vs sqrt(prev) x0 + sqrt(1 - prev - var) eps
+    # (1e-3: abar / prev is within 1e-4 of 1 at t = 1 in float32).
+    np.testing.assert_allclose(c1 + c2 * np.sqrt(abar), np.sqrt(prev), rtol=1e-5)
+    np.testing.assert_allclose(c2 * np.sqrt(1 - abar), np.sqrt(1 - prev - var), rtol=1e-3)
+    # Its log, with t = 0 (variance 0) borrowing t = 1's value as ADM does.
+    log_var = np.asarray(adm.posterior_log_variance_clipped)
+    full = np.asarray(adm.posterior_variance, np.float64)
+    assert log_var.shape == (1000,)
+    np.testing.assert_allclose(log_var, np.log(np.append(full[1], full[1:])), rtol=1e-5)
+
+
+def test_sample_timesteps_cover_every_step_uniformly():
+    t = np.asarray(sch.sample_timesteps(jax.random.key(0), 20_000, 10))
+    assert t.dtype == np.int32 and t.shape == (20_000,)
+    counts = np.bincount(t, minlength=10)
+    assert len(counts) == 10 and counts.min() > 1800  # 2000 expected each, t = 0 included
+
+
+def test_cosine_betas_match_diffusers_and_betas_of_one_are_allowed():
+    """Cosine (Nichol & Dhariwal) against diffusers' "squaredcos_cap_v2", an independent
+    implementation; a final beta of exactly 1 (zero terminal SNR) is a valid schedule."""
+    diffusers = pytest.importorskip("diffusers")
+    want = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    np.testing.assert_allclose(
+        sch.make_betas("cosine", 1000), want.betas.numpy().astype(np.float64), rtol=1e-5
+    )
+    zero_snr = sch.Schedule.from_betas(np.array([0.1, 0.5, 1.0]))
+    assert float(zero_snr.alphas_cumprod[-1]) == 0.0
+    for bad in ([0.1, 0.0], [0.1, 1.5], [[0.1]]):
+        with pytest.raises(ValueError, match="betas"):
+            sch.Schedule.from_betas(np.array(bad))

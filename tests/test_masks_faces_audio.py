@@ -13,7 +13,7 @@ from dithead_jax.data.faces import (
     face_boxes,
     landmarks_to_crop,
 )
-from dithead_jax.data.masks import apply_mask, blur_params, lower_face_mask
+from dithead_jax.data.masks import apply_mask, blur_params, gaussian_kernel_1d, lower_face_mask
 from dithead_jax.data.synthetic_dataset import render_synthetic_clip
 
 CFG = DataConfig()
@@ -53,6 +53,34 @@ def test_mask_blur_scales_with_size_and_shift_moves_it(clip):
         np.array([(a * np.arange(256)[None]).sum(), (a * np.arange(256)[:, None]).sum()]) / a.sum()
     )  # noqa: E731,E501
     np.testing.assert_allclose(centroid(moved) - centroid(base), [4, -3], atol=0.3)
+
+
+def test_gaussian_kernel_matches_scipy():
+    from scipy.signal.windows import gaussian
+
+    for size, sigma in [(27, 5.0), (15, 2.5), (4, 1.5)]:
+        want = gaussian(size, sigma)
+        np.testing.assert_allclose(gaussian_kernel_1d(size, sigma), want / want.sum(), rtol=1e-6)
+
+
+def test_mask_support_is_the_hull_grown_by_dilation_then_blur(clip):
+    """alpha > 0 reaches exactly round(2 sigma) (dilation) + kernel // 2 (blur) pixels past
+    the hull on each side, in both axes: a wider dilation or a blur run twice along one axis
+    moves an edge."""
+    from scipy.spatial import ConvexHull
+    from skimage.draw import polygon2mask
+
+    lm = clip[0].landmarks[0]
+    points = np.asarray(lm, np.float64)[list(CFG.mask_hull)]
+    inside = polygon2mask((256, 256), points[ConvexHull(points).vertices][:, ::-1])
+    size, sigma = blur_params(256, CFG)
+    reach = int(round(2 * sigma)) + size // 2
+    alpha = lower_face_mask(lm, 256, CFG)
+    for axis in (0, 1):  # rows, then columns
+        held = np.flatnonzero(inside.any(1 - axis))
+        covered = np.flatnonzero((alpha > 0).any(1 - axis))
+        assert held[0] - reach > 0 and held[-1] + reach < 255  # the edges are in the image
+        assert (covered[0], covered[-1]) == (held[0] - reach, held[-1] + reach)
 
 
 def test_crop_maps_landmarks_onto_the_same_pixels(clip):
@@ -106,6 +134,58 @@ def test_logmel_frames_line_up_with_video_frames():
     energy = feats.max(1)
     loud = np.flatnonzero(energy > energy.min() + 0.5 * np.ptp(energy))
     assert loud.min() >= 16 and loud.max() <= 20 and {17, 18, 19} <= set(loud)
+
+
+@pytest.mark.parametrize("offset", [-0.4, 0.0, 0.4])
+def test_logmel_click_peaks_in_the_frame_whose_window_centre_is_nearest(offset):
+    """Sub-frame timing: frame j's window is centred on (j + 0.5) / fps, the middle of video
+    frame j. A 2 ms click 0.4 frame (16 ms) either side of that centre must still peak in
+    frame j; features half a frame (20 ms) early or late put it in a neighbour."""
+    sr, fps, frames, j = 16_000, 25, 40, 20
+    hop = sr // fps
+    audio = 1e-4 * np.random.default_rng(1).standard_normal(frames * hop).astype(np.float32)
+    width = 32
+    centre = int(round((j + 0.5 + offset) * hop))
+    audio[centre - width // 2 : centre + width // 2] += np.hanning(width) * np.sin(
+        2 * np.pi * 3000 * np.arange(width) / sr
+    )
+    energy = af.logmel_features(audio, sr, frames).mean(1)  # fps: 25 by default
+    assert int(energy.argmax()) == j
+    if offset == 0.0:
+        # Centred: both neighbours see it equally (a shift of a few ms would tilt this).
+        assert abs(energy[j - 1] - energy[j + 1]) < 0.05 * (energy[j] - np.median(energy))
+    else:
+        nearer = j + int(np.sign(offset))
+        assert energy[nearer] > energy[2 * j - nearer]
+
+
+def test_logmel_keeps_80_db_in_a_range_of_2():
+    """Whisper's scaling: the loudest bin maps to max, anything 80 dB below it to max - 2."""
+    sr, fps = 16_000, 25
+    audio = np.zeros(20 * sr // fps, np.float32)
+    audio[: 10 * sr // fps] = np.sin(2 * np.pi * 440 * np.arange(10 * sr // fps) / sr)
+    feats = af.logmel_features(audio, sr, 20, fps)
+    assert float(np.ptp(feats)) == pytest.approx(2.0, abs=1e-6)
+    assert np.all(feats[15:] == feats.min())  # silence sits on the floor
+
+
+def test_align_fills_empty_frames_from_the_feature_nearest_their_centre():
+    # Features at 0.10 s and 0.30 s (frames 2 and 7 at 25 fps); frame 4 (centre 0.18 s) is
+    # nearer the first, frame 5 (centre 0.22 s) the second.
+    aligned = af.align_to_frames(np.array([[1.0], [2.0]]), np.array([0.10, 0.30]), 10, 25)
+    assert aligned.shape == (10, 1)
+    np.testing.assert_array_equal(aligned[:, 0], [1, 1, 1, 1, 1, 2, 2, 2, 2, 2])
+
+
+def test_audio_windows_order_over_all_positions():
+    """Position k of frame i's window holds frame i - 5 + k (k = 0..10), clamped at the ends."""
+    t = 15
+    per_frame = np.stack([np.arange(t), -np.arange(t)], 1).astype(np.float32)
+    win = af.audio_windows(per_frame, 11)
+    assert win.shape == (t, 11, 2)
+    want = np.clip(np.arange(t)[:, None] - 5 + np.arange(11)[None, :], 0, t - 1)
+    np.testing.assert_array_equal(win[..., 0], want)
+    np.testing.assert_array_equal(win[..., 1], -want)
 
 
 def test_align_and_windows():

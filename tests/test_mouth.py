@@ -57,3 +57,94 @@ def test_flicker_is_one_for_the_real_video_and_grows_with_frame_noise():
     upper = real.copy()
     upper[:, :4] = noisy[:, :4]
     assert flicker(real, upper, mask) == pytest.approx(1.0)
+
+
+def test_evaluation_protocol_values_on_a_known_answer(tmp_path, monkeypatch):
+    """`_score_clip` + `_report` with a stand-in generator whose frames carry the driving
+    audio in one pixel and an expert that reads that pixel back, so every sync number has a
+    hand-computed answer: mode A follows the audio (1), mode B its negation (-1); the control
+    is driven by the shuffled audio; truth is read at the clip's source frames
+    (`frame_index`, here 3..8 of a 12-frame video), not frames 0..5; and correlations pool
+    both clips' frames per mode instead of averaging per-clip values."""
+    from dithead_jax import sampling
+    from dithead_jax.evaluation import evaluate as ev
+
+    size, steps = 16, 3
+    rng = np.random.default_rng(4)
+
+    def generate(models, masked, audio, reference, *, steps, mode, seed):
+        signal = audio[:, 5, 0]  # the window's centre
+        if mode == "B":  # plus an offset per clip (masked frames hold the clip number)
+            signal = -0.5 * signal + 0.55 * masked[:, 0, 0, 0]
+        fake = np.full((len(audio), size, size, 3), 128, np.uint8)
+        fake[:, 0, 0, 0] = np.round(128 + 100 * signal).astype(np.uint8)
+        return fake
+
+    class PixelExpert:
+        def predict(self, frames, landmarks):
+            return (frames[:, 0, 0, 0].astype(np.float64) - 128) / 100
+
+    monkeypatch.setattr(sampling, "generate_faces", generate)
+    monkeypatch.setattr(sampling, "reconstruct_faces", lambda models, frames: frames)
+    options = ev.EvalOptions(modes=("A", "B"), synthetic=tmp_path, side_by_side=False, steps=steps)
+    scorers = ev._Scorers(lpips=None, expert=PixelExpert(), fid=None, lse=None)
+    clips, truths, shuffles = [], [], []
+    for k, (length, first) in enumerate([(12, 3), (10, 0)]):
+        # Openings on a 1/50 grid (exact through the uint8 pixel at either gain), never 0
+        # (finite PSNR).
+        opening = rng.choice([-1, 1], length) * rng.integers(5, 51, length) / 50
+        np.savez(tmp_path / f"v{k}.npz", mouth_open=opening, audio=np.zeros(16_000))
+        frame_index = np.arange(first, first + 6)
+        audio = np.zeros((6, 11, 2), np.float32)
+        audio[:, 5, 0] = opening[frame_index]  # stage-1 records carry the aligned audio
+        frames = np.full((6, size, size, 3), 128, np.uint8)
+        masked = np.full_like(frames, k)
+        clip = ev.Clip(f"v{k}", "id", frames, masked, np.zeros((6, size, size), np.uint8),
+                       np.zeros((6, 68, 2)), audio, frame_index)  # fmt: skip
+        shuffles.append(np.random.default_rng(k).permutation(6))
+        truths.append(opening[frame_index])
+        clips.append(
+            ev._score_clip(None, clip, frames[0], shuffles[-1], scorers, tmp_path, options)
+        )
+
+    truth = np.concatenate(truths)
+    control = np.concatenate([t[s] for t, s in zip(truths, shuffles, strict=True)])
+    np.testing.assert_allclose(clips[0]["truth"], truths[0])
+    np.testing.assert_allclose(clips[0]["measured"]["A"], truths[0], atol=1e-9)
+    assert clips[0]["rows"]["A"]["sync"] == pytest.approx(1.0)
+    assert clips[0]["rows"]["B"]["sync"] == pytest.approx(-1.0)
+    assert clips[0]["rows"]["B"]["frames"] == 6
+
+    report = ev._report(clips, options, {"status": "unavailable", "reason": "x"}, "x", "x", False)
+    want_control = np.corrcoef(control, truth)[0, 1]
+    assert abs(want_control) < 0.9  # the shuffle really decorrelates
+    modes = report["modes"]
+    assert modes["A"]["sync"] == pytest.approx(1.0)
+    assert modes["A"]["sync_control"] == pytest.approx(want_control)
+    # B: -1 within each clip, but pooled over clips the offsets show.
+    offsets = np.repeat([0.0, 0.55], 6)
+    assert modes["B"]["sync"] == pytest.approx(np.corrcoef(-0.5 * truth + offsets, truth)[0, 1])
+    assert modes["B"]["sync"] > -0.95
+    want_b = np.corrcoef(-0.5 * control + offsets, truth)[0, 1]
+    assert modes["B"]["sync_control"] == pytest.approx(want_b)
+    # The headline numbers are the first mode's; the calibration and ceiling read real frames
+    # (all 128 here: constant, so 0 by definition).
+    assert report["sync"]["correlation"] == pytest.approx(1.0)
+    assert report["sync"]["control_correlation"] == pytest.approx(want_control)
+    assert report["sync"]["expert_calibration"] == 0.0
+    assert [r["mode"] for r in report["clips"]] == ["A", "A", "B", "B"]
+    # PSNR: one pixel off by 100 |signal| of 16 x 16 x 3; per clip the frame mean, per mode
+    # the clip mean.
+    for mode, error in (("A", lambda t, k: 100 * t), ("B", lambda t, k: -50 * t + 55 * k)):
+        per_clip = [
+            np.mean(10 * np.log10(255**2 * size * size * 3 / error(t, k) ** 2))
+            for k, t in enumerate(truths)
+        ]
+        assert modes[mode]["psnr"] == pytest.approx(np.mean(per_clip), rel=1e-5)
+        assert report["clips"][0 if mode == "A" else 2]["psnr"] == pytest.approx(
+            per_clip[0], rel=1e-5
+        )
+    assert report["metrics"]["psnr"] == modes["A"]["psnr"]
+    # Pooled over clips, not a mean of per-clip correlations.
+    per_clip = [np.corrcoef(t[s], t)[0, 1] for t, s in zip(truths, shuffles, strict=True)]
+    assert not np.isclose(np.mean(per_clip), want_control)

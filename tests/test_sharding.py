@@ -251,3 +251,24 @@ def test_sharded_step_matches_single_device(preset):
     assert kernel.get_value().sharding.spec == want[preset]
     # Two steps moved the adaLN gates off zero, so the blocks are being trained.
     assert np.abs(params["blocks/0/modulation/kernel"]).max() > 0
+
+
+def test_mesh_sizes_are_checked_and_messages_say_per_slice_only_with_slices():
+    shapes = lambda spec, n: sharding.ici_dcn_shapes(sharding.mesh_config(spec), n)  # noqa: E731
+    for spec in ("data=0", "data=-2"):
+        with pytest.raises(ValueError, match="positive or -1"):
+            shapes(spec, 8)
+    with pytest.raises(ValueError, match=r"^8 devices per slice cannot be split"):
+        shapes("data=3,fsdp=-1,dcn_data=2", 16)
+    with pytest.raises(ValueError, match=r"^8 devices cannot be split"):
+        shapes("data=3,fsdp=-1", 8)
+    with pytest.raises(ValueError, match="needs 16 devices, there are 8$"):
+        shapes("data=4,fsdp=4", 8)
+
+
+def test_tree_specs_replicate_unnamed_leaves():
+    """Plain arrays (and scalars) carry no logical names: every dimension whole."""
+    specs = sharding.tree_specs(
+        {"a": np.zeros((8, 4)), "b": 3.0}, sharding.DIT_RULES, sharding.make_mesh("fsdp")
+    )
+    assert specs == {"a": P(None, None), "b": P()}

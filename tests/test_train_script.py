@@ -22,6 +22,7 @@ import pytest
 from stage2_data import write_random_stage2
 
 from dithead_jax.training.loop import EXIT_PREEMPTED
+from dithead_jax.training.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 120.0
@@ -30,8 +31,10 @@ TIMEOUT = 120.0
 class Run:
     """train.py in a subprocess; stderr lines are collected by a reader thread."""
 
-    def __init__(self, workdir: Path, data: Path, *overrides: str):
+    def __init__(self, workdir: Path, data: Path, *overrides: str, cache: Path | None = None):
         env = dict(os.environ)
+        if cache is not None:  # another workdir's compilation cache
+            env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
         # One device; LLVM -O0 compiles ~2.5x faster and is plenty for this tiny model.
         env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
         env["JAX_PLATFORMS"] = "cpu"
@@ -115,6 +118,17 @@ def test_sigkill_resumes_and_sigterm_saves(tmp_path):
     assert run.proc.returncode == 0, out[-3000:]
     assert f"Training finished at step {preempted + 2} (resumed from step {preempted})" in out
     assert _finished_steps(workdir)[-1] == preempted + 2
+
+    # 4. Every step's loss equals an uninterrupted run's exactly (metrics.jsonl keeps full
+    # precision; a step re-run after the SIGKILL is read as its last line).
+    fresh = tmp_path / "uninterrupted"
+    run = Run(fresh, data, f"--config.train.num_steps={preempted + 2}", cache=workdir / "jax_cache")
+    out = run.finish()
+    assert run.proc.returncode == 0, out[-3000:]
+    resumed, reference = read_jsonl(workdir / "metrics.jsonl"), read_jsonl(fresh / "metrics.jsonl")
+    losses = {s: r["loss"] for s, r in reference.items() if "loss" in r}
+    assert len(losses) == preempted + 2
+    assert {s: r["loss"] for s, r in resumed.items() if "loss" in r} == losses
 
 
 def test_workdir_urls_stay_urls(tmp_path):

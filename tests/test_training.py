@@ -9,7 +9,6 @@ fresh copy of the initial state and a fresh data iterator; the loop itself is re
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import struct
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from stage2_data import write_random_stage2
+from stage2_data import dit_testing_config, write_random_stage2
 
 from dithead_jax.config import TrainConfig
 from dithead_jax.training import dit_step, dit_train, loop
@@ -26,18 +25,10 @@ from dithead_jax.training.checkpoint import Checkpointer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_run_config():
-    spec = importlib.util.spec_from_file_location("dit_config", ROOT / "configs" / "dit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("testing")
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     data = write_random_stage2(tmp_path_factory.mktemp("records"), videos=2, frames=24)
-    config = _load_run_config()
-    config.data.dir = str(data)
+    config = dit_testing_config(data)
     config.mesh = "fsdp"
     task = dit_train.build_task(config, compiler_options=dit_step.FAST_COMPILE_CPU)
     initial = jax.device_get(task.state)
@@ -214,7 +205,7 @@ def test_mask_weighted_loss_scales_the_error_inside_the_mask():
             "epsilon",
             3.0,
         )
-    config = _load_run_config()
+    config = dit_testing_config("")
     config.diffusion.mask_weight = -1.0
     with pytest.raises(ValueError, match="mask_weight must be >= 0"):
         dit_train.DiTRun.from_config(config)

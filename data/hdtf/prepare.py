@@ -1,4 +1,4 @@
-"""Cuts the downloaded HDTF videos into 25 fps clips, one folder per identity.
+"""Cuts the downloaded HDTF videos into clips, one folder per identity.
 
     python data/hdtf/prepare.py --annotations HDTF/HDTF_dataset --raw RAW --out CLIPS [--workers N]
 

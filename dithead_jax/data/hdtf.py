@@ -13,9 +13,10 @@ addresses). Every file is one record per line, fields separated by single spaces
                                  measured at; 0 where unknown)
     <SUBSET>_crop_ratio.txt      Radio11_1.mp4 1.2                  (undocumented; not used)
 
-Output: `out/<identity>/<SUBSET>_<video>_<index:03d>.mp4`, H.264 25 fps + AAC at the source's
-sample rate and channels (`data/preprocess.py` resamples to 16 kHz mono anyway, so nothing is
-thrown away twice). Clip names follow the community `download.py` in the HDTF repository.
+Output: `out/<identity>/<SUBSET>_<video>_<index:03d>.mp4`, H.264 at the source's frame timing
++ AAC at the source's sample rate and channels (`data/preprocess.py` resamples to 25 fps and
+16 kHz mono, with the reader sample.py uses, so nothing is resampled twice). Clip names
+follow the community `download.py` in the HDTF repository.
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
-import av
-
-from dithead_jax.data.video_io import MediaError, atomic_path, probe_video
+from dithead_jax.data.video_io import (
+    MediaError,
+    atomic_path,
+    count_frames_at_fps,
+    probe_video,
+)
 
 FPS = 25
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".mov")
@@ -356,17 +360,21 @@ def ffmpeg_exe() -> str:
 
 
 def _count_frames(path: Path) -> int:
-    """Decoded frame count; the container's own count is not always filled in."""
+    """Frames at `FPS` as data/preprocess.py will read them (video_io.FrameClock)."""
     try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            return stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
-    except (av.error.FFmpegError, IndexError):
+        return count_frames_at_fps(path, FPS)
+    except MediaError:
         return 0
 
 
 def cut_command(clip: HDTFClip, crop: CropBox, destination: Path, ffmpeg: str) -> list[str]:
-    """ffmpeg arguments that cut `clip.time`, crop, resample to 25 fps and encode H.264 + AAC."""
+    """ffmpeg arguments that cut `clip.time`, crop and encode H.264 + AAC.
+
+    The source's frame timing passes through unchanged: resampling to 25 fps is left to the
+    one reader every stage uses (video_io.iter_frames_at_fps), so that a clip here and the
+    same video given to sample.py become the same frames. ffmpeg's `fps` filter rounds
+    timestamps to the nearest output instant, a different rule (a frame more or less).
+    """
     return [
         ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
         # -ss before -i seeks the input; while transcoding ffmpeg still decodes from the
@@ -374,7 +382,7 @@ def cut_command(clip: HDTFClip, crop: CropBox, destination: Path, ffmpeg: str) -
         # and audio and video start at the same instant.
         "-ss", f"{clip.time.start:.3f}", "-i", str(clip.source), "-t", f"{clip.time.duration:.3f}",
         "-map", "0:v:0", "-map", "0:a:0",
-        "-vf", f"crop={crop.width}:{crop.height}:{crop.x}:{crop.y},fps={FPS}",
+        "-vf", f"crop={crop.width}:{crop.height}:{crop.x}:{crop.y}", "-fps_mode", "passthrough",
         "-c:v", "libx264", "-preset", "medium", "-crf", "18", "-pix_fmt", "yuv420p",
         "-c:a", "aac", "-b:a", "192k",
         "-movflags", "+faststart", "-f", "mp4", str(destination),

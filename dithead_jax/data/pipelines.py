@@ -210,6 +210,7 @@ def vqgan_dataset(
     other = "masked_frame" if key == "frame" else "frame"
     # Undecoded bytes for what this stage never looks at: saves a JPEG decode per sample.
     skip = (other,) if with_mask else (other, "mask")
+    records_lib.require_kind(data_dir, "stage1", "the VQGAN")
     source, _ = records_lib.open_dataset(data_dir, split, skip_decoding=skip)
     return _pipeline(
         len(source),
@@ -325,6 +326,7 @@ def dit_dataset(
 
     Arguments as in `vqgan_dataset`; pass `DataConfig.min_reference_distance`.
     """
+    records_lib.require_kind(data_dir, "stage2", "the DiT")
     source, features = records_lib.open_dataset(data_dir, split)
     if with_mask and "mask" not in features:
         raise ValueError(

@@ -14,7 +14,10 @@ Everything that can go wrong with an input raises `SkipVideo` with a one-line re
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import re
+import unicodedata
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -131,8 +134,13 @@ def process_video(
     featurizer: AudioFeaturizer,
     landmarker: Callable | None = None,
     chunk_frames: int = 256,
+    *,
+    with_audio: bool = True,
 ) -> Iterator[tuple[Segment, dict[str, np.ndarray]]]:
     """Yields (segment, records) chunks of at most `chunk_frames` frames, in frame order.
+
+    with_audio=False (dubbing: the speech comes from another file) neither needs nor reads
+    the video's own sound; `audio` is then zeros and `featurizer` may be None.
 
     records: frame/masked_frame (n, S, S, 3) uint8, mask (n, S, S) uint8, landmarks
     (n, 68, 2) f32 (crop pixels), crop_box (n, 4) f32, source_size (n, 2) i32, audio
@@ -140,9 +148,9 @@ def process_video(
     """
     try:
         info = probe_video(path)
-        if not info.has_audio:
+        if with_audio and not info.has_audio:
             raise SkipVideo("no audio stream")
-        audio, _ = read_audio(path, cfg.data.sample_rate)
+        audio = read_audio(path, cfg.data.sample_rate)[0] if with_audio else None
         landmarks = _landmarks_pass(path, cfg, landmarker)
     except (MediaError, FileNotFoundError, ValueError) as e:
         raise SkipVideo(str(e).split(": ", 1)[-1] if str(path) in str(e) else str(e)) from e
@@ -150,16 +158,17 @@ def process_video(
     window = cfg.data.audio_window
     if num_frames < window:
         raise SkipVideo(f"only {num_frames} frames at {cfg.data.fps} fps (< {window})")
-    video_seconds = num_frames / cfg.data.fps
-    audio_seconds = len(audio) / cfg.data.sample_rate
-    if abs(audio_seconds - video_seconds) > cfg.max_av_mismatch_seconds:
-        raise SkipVideo(
-            f"audio {audio_seconds:.2f} s vs video {video_seconds:.2f} s "
-            f"(limit {cfg.max_av_mismatch_seconds} s)"
-        )
-    samples = num_frames * cfg.data.sample_rate // cfg.data.fps
-    audio = np.pad(audio, (0, max(0, samples - len(audio))))[:samples]
-    audio = af.peak_normalize(audio)
+    if audio is not None:
+        video_seconds = num_frames / cfg.data.fps
+        audio_seconds = len(audio) / cfg.data.sample_rate
+        if abs(audio_seconds - video_seconds) > cfg.max_av_mismatch_seconds:
+            raise SkipVideo(
+                f"audio {audio_seconds:.2f} s vs video {video_seconds:.2f} s "
+                f"(limit {cfg.max_av_mismatch_seconds} s)"
+            )
+        samples = num_frames * cfg.data.sample_rate // cfg.data.fps
+        audio = np.pad(audio, (0, max(0, samples - len(audio))))[:samples]
+        audio = af.peak_normalize(audio)
 
     valid = np.all(np.isfinite(landmarks), axis=(1, 2))
     if not valid.any():
@@ -171,7 +180,10 @@ def process_video(
         raise SkipVideo(f"no run of {window} consecutive frames with a face")
 
     # Audio features come from the whole clip so windows at segment edges hear real audio.
-    windows = af.audio_windows(featurizer(audio, num_frames), window)
+    if audio is None:
+        windows = np.zeros((num_frames, window, cfg.data.audio_dim), np.float32)
+    else:
+        windows = af.audio_windows(featurizer(audio, num_frames), window)
     boxes = face_boxes(landmarks, cfg.margin)
     yield from _crop_segments(
         path, cfg, segments, landmarks, boxes, windows, (info.height, info.width), chunk_frames
@@ -246,9 +258,25 @@ class VideoResult:
     reason: str = ""
 
 
-def record_id(video_id: str, segment: int) -> str:
-    """Dataset ids: '/' is not allowed in shard names; later face segments get '.sK'."""
+def safe_id(video_id: str) -> str:
+    """A shard name for any file name: `identity/clip` -> `identity+clip` when that is plain
+    ASCII (so datasets written before keep their ids); otherwise an ASCII slug of it plus 8
+    hex digits of its SHA-1, deterministic and collision-free in practice. The original name
+    stays in the records' sidecar and video index (`source`)."""
+    from dithead_jax.data.records import valid_id  # TFDS: only when records are written
+
     base = video_id.replace("/", "+")
+    if valid_id(base):
+        return base
+    ascii_text = unicodedata.normalize("NFKD", base).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^A-Za-z0-9._+=-]+", "_", ascii_text).strip("._-=+")[:80]
+    digest = hashlib.sha1(video_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{slug}-{digest}" if slug else f"v-{digest}"
+
+
+def record_id(video_id: str, segment: int) -> str:
+    """Dataset ids (`safe_id`); later face segments get '.sK'."""
+    base = safe_id(video_id)
     return base if segment == 0 else f"{base}.s{segment}"
 
 
@@ -273,11 +301,13 @@ def preprocess_video(
             shard_id = record_id(video_id, index)
             length = segment.stop - segment.start
             with writer.video_writer(
-                split, shard_id, identity=identity, num_frames=length
+                split, shard_id, identity=identity, num_frames=length, source=video_id
             ) as shard:
-                for _, records in group:
-                    shard.write(records)
+                for _, chunk in group:
+                    shard.write(chunk)
             written += length
     except SkipVideo as e:
         return VideoResult(str(path), video_id, "skipped", reason=str(e))
+    except ValueError as e:  # the writer refused it: one video lost, never the whole batch
+        return VideoResult(str(path), video_id, "skipped", reason=f"cannot write records: {e}")
     return VideoResult(str(path), video_id, "written", frames=written)

@@ -101,6 +101,11 @@ _STAGE1_KEYS = ("frame", "masked_frame", "mask", "landmarks", "crop_box", "sourc
 _STAGE2_KEYS = ("latent", "masked_latents", "mask", "audio")
 
 
+def valid_id(video_id: str) -> bool:
+    """Whether `video_id` can name a shard (ASCII letters, digits and `._+=-`)."""
+    return bool(_ID_RE.match(video_id))
+
+
 def dataset_name(kind: Kind) -> str:
     return f"dithead_{kind}"
 
@@ -200,9 +205,11 @@ def _write_json(path: Path, value: Any) -> None:
 class VideoShardWriter:
     """Streams one video's records into its shard; see `DatasetWriter.video_writer`."""
 
-    def __init__(self, owner: DatasetWriter, split: str, video_id: str, identity: str, n: int):
+    def __init__(
+        self, owner: DatasetWriter, split: str, video_id: str, identity: str, n: int, source: str
+    ):
         self._owner, self._split, self._video_id = owner, split, video_id
-        self._identity, self._num_frames = identity, n
+        self._identity, self._num_frames, self._source = identity, n, source
         self._frame_index: list[int] = []
         self._writer: Any = None
         self._tmp = ""
@@ -251,6 +258,7 @@ class VideoShardWriter:
             "video_id": self._video_id,
             "split": self._split,
             "identity": self._identity,
+            "source": self._source,
             "num_records": len(fi),
             "num_bytes": shard.stat().st_size,
             "frame_index": fi.tolist(),
@@ -378,9 +386,12 @@ class DatasetWriter:
 
     @contextlib.contextmanager
     def video_writer(
-        self, split: str, video_id: str, *, identity: str, num_frames: int
+        self, split: str, video_id: str, *, identity: str, num_frames: int, source: str = ""
     ) -> Iterator[VideoShardWriter]:
         """Streams a long video in chunks: `with w.video_writer(...) as v: v.write(chunk)`.
+
+        `source` is the video's original name when `video_id` had to be made safe (any
+        text; default: `video_id`); the sidecar and the video index keep it.
 
         The video is committed on a clean exit once exactly `num_frames` records were
         written; on an exception nothing of it remains.
@@ -392,7 +403,8 @@ class DatasetWriter:
         shard = self._shard(video_id)
         # Un-finish first: a crash while rewriting must not leave the old marker behind.
         shard.with_suffix(".json").unlink(missing_ok=True)
-        v = VideoShardWriter(self, split, video_id, str(identity), int(num_frames))
+        source = source or video_id
+        v = VideoShardWriter(self, split, video_id, str(identity), int(num_frames), source)
         v._open(shard)
         committed = False
         try:
@@ -492,6 +504,7 @@ class DatasetWriter:
             out / f"video_index-{split}.npz",
             video_id=np.array([v["video_id"] for v in videos]),
             identity=np.array([v["identity"] for v in videos]),
+            source=np.array([v.get("source", v["video_id"]) for v in videos]),
             start=starts,
             length=np.asarray(lengths, np.int64),
             frame_index=np.concatenate([np.asarray(v["frame_index"], np.int32) for v in videos]),
@@ -538,6 +551,29 @@ def open_dataset(
 def dataset_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The writer parameters (kind, shapes, encoding, provenance) stored with the dataset."""
     return json.loads((_dataset_path(path) / "metadata.json").read_text())
+
+
+_KIND_WORDS = {
+    "stage1": "a stage-1 dataset (face crops from data/preprocess.py)",
+    "stage2": "a stage-2 dataset (VQGAN latents from data/encode_latents.py)",
+}
+
+
+def require_kind(path: str | os.PathLike, kind: Kind, user: str) -> None:
+    """Fails with one line when `path` holds the other kind of records than `user` reads,
+    before a pipeline dies on a missing key deep inside Grain."""
+    directory = _dataset_path(path)
+    meta_file = directory / "metadata.json"
+    if not meta_file.is_file():
+        return  # open_dataset names a missing dataset; older datasets lack only this file
+    found = json.loads(meta_file.read_text()).get("kind")
+    if found == kind or found not in _KIND_WORDS:
+        return
+    if kind == "stage2":
+        fix = "encode it with data/encode_latents.py and pass that output instead"
+    else:
+        fix = "pass the stage-1 dataset the latents were encoded from"
+    raise ValueError(f"{path}: {_KIND_WORDS[found]}, but {user} needs {_KIND_WORDS[kind]}; {fix}")
 
 
 def load_video_index(path: str | os.PathLike, split: str) -> dict[str, np.ndarray]:

@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -183,38 +184,120 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
         raise MediaError(f"{path}: cannot open ({e})") from e
 
 
-def iter_frames_at_fps(path: str | os.PathLike, fps: float) -> Iterator[np.ndarray]:
-    """Decodes frames resampled to a constant `fps` (RGB uint8), streaming.
+# Containers store times in ticks (WebM/MKV: whole milliseconds): an instant within 1 ms of
+# an output frame's counts as that instant, so rounding never shifts a frame by one.
+TIME_TOLERANCE_S = 1e-3
 
-    Output frame k shows what the source showed at time k / fps: the latest source frame
-    whose presentation time is <= that time. This is exact for variable-frame-rate input
-    (phone videos) and duplicates or drops frames for constant-rate input at another rate.
-    Only one decoded frame is held at a time, so long videos do not fill memory.
+
+class FrameClock:
+    """The one rule that turns source frames (any, even variable, frame rate) into `fps`.
+
+    Output frame k is the instant k / fps from the first source frame; it shows the latest
+    source frame whose presentation time is <= that instant. The video lasts until its last
+    frame ends (that frame's time plus its own duration), and output frames are the instants
+    before that end. `iter_frames_at_fps` drives it while decoding; `frame_schedule` on a
+    list of times. Every reader (preprocessing, sample.py, HDTF clips) goes through it.
+    """
+
+    def __init__(self, fps: float):
+        if not fps > 0:
+            raise ValueError(f"fps must be > 0, got {fps}")
+        self.fps = float(fps)
+        self.emitted = 0  # output frames so far
+        self._started = False
+
+    def next_frame(self, t: float) -> int:
+        """A source frame starts at `t` seconds (from the first frame, non-decreasing): the
+        number of output frames still owed to the frame before it."""
+        return self._until(t) if self._started else self._start()
+
+    def end(self, t: float) -> int:
+        """The last source frame ends at `t`: the output frames still owed to it."""
+        return self._until(t) if self._started else 0
+
+    def _start(self) -> int:
+        self._started = True
+        return 0
+
+    def _until(self, t: float) -> int:
+        count = 0
+        while self.emitted / self.fps < t - TIME_TOLERANCE_S:
+            self.emitted += 1
+            count += 1
+        return count
+
+
+def frame_schedule(times: np.ndarray, end: float, fps: float) -> np.ndarray:
+    """`FrameClock` on known times: the source frame index each output frame shows.
+
+    times: (N,) seconds, non-decreasing, times[0] the video's start; end: when the last
+    frame stops showing. Returns (M,) int64, M = the number of output frames.
+    """
+    times = np.asarray(times, np.float64)
+    clock, shown = FrameClock(fps), []
+    for i, t in enumerate(times):
+        shown += [i - 1] * clock.next_frame(t - times[0])
+    if len(times):
+        shown += [len(times) - 1] * clock.end(end - times[0])
+    return np.asarray(shown, np.int64)
+
+
+def _frame_duration(frame: av.VideoFrame, stream: Any) -> float:
+    """How long `frame` shows: its own duration where the container says (VFR files do),
+    else one interval of the stream's average rate."""
+    if frame.duration and frame.time_base:
+        return float(frame.duration * frame.time_base)
+    rate = float(stream.average_rate or stream.guessed_rate or 0)
+    return 1.0 / rate if rate else 0.0
+
+
+def iter_frames_at_fps(path: str | os.PathLike, fps: float) -> Iterator[np.ndarray]:
+    """Decodes frames resampled to a constant `fps` (RGB uint8) by `FrameClock`, streaming.
+
+    Exact for variable-frame-rate input (phone videos); duplicates or drops frames for
+    constant-rate input at another rate. Only one decoded frame is held at a time, so long
+    videos do not fill memory.
     """
     try:
         with av.open(str(path)) as container:
             stream, _ = _video_stream(container, path)
             stream.thread_type = "AUTO"
+            clock = FrameClock(fps)
             start = None
-            k = 0
-            previous = None
+            previous = last = None
             for frame in container.decode(stream):
                 if frame.time is None:
                     continue
                 if start is None:
                     start = frame.time
-                t = frame.time - start
-                # Emit outputs whose time falls before this frame: they show `previous`.
-                while previous is not None and k / fps < t - 1e-6:
+                for _ in range(clock.next_frame(frame.time - start)):
                     yield previous
-                    k += 1
-                previous = frame.to_ndarray(format="rgb24")
-            if previous is not None:
-                # The last source frame lasts one source interval.
-                rate = float(stream.average_rate or fps)
-                end = (t if start is not None else 0.0) + 1.0 / rate
-                while k / fps < end - 1e-6:
+                previous, last = frame.to_ndarray(format="rgb24"), frame
+            if last is not None:
+                end = last.time - start + _frame_duration(last, stream)
+                for _ in range(clock.end(end)):
                     yield previous
-                    k += 1
     except av.error.FFmpegError as e:
         raise MediaError(f"{path}: cannot decode ({e})") from e
+
+
+def count_frames_at_fps(path: str | os.PathLike, fps: float) -> int:
+    """How many frames `iter_frames_at_fps(path, fps)` yields, from packet times alone (no
+    decoding; `FrameClock`'s rule); 0 for a file without video packets."""
+    try:
+        with av.open(str(path)) as container:
+            stream, _ = _video_stream(container, path)
+            spans = [
+                (float(p.pts * p.time_base), float((p.duration or 0) * p.time_base))
+                for p in container.demux(stream)
+                if p.size and p.pts is not None
+            ]
+            rate = float(stream.average_rate or stream.guessed_rate or 0)
+    except av.error.FFmpegError as e:
+        raise MediaError(f"{path}: cannot open ({e})") from e
+    if not spans:
+        return 0
+    spans.sort()
+    last, duration = spans[-1]
+    end = last + (duration or (1.0 / rate if rate else 0.0))
+    return len(frame_schedule(np.array([t for t, _ in spans]), end, fps))

@@ -26,12 +26,15 @@ next step may donate them) and the grain state is read, then writes in the backg
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -77,6 +80,60 @@ def _jsonable(state: Any) -> Any:
     if isinstance(state, list | tuple):
         return [_jsonable(v) for v in state]
     return state.item() if hasattr(state, "item") else state
+
+
+class UnrestorableError(RuntimeError):
+    """No checkpoint of a run restores into the state this run built."""
+
+
+def _first_line(error: BaseException) -> str:
+    """An error as one line: its type and the first line of its message."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:500]
+
+
+# Orbax's JSON files in a checkpoint: step and item metadata, JsonSave items.
+_JSON_NAMES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "metadata")
+
+
+def _why_unreadable(step_dir: epath.Path, error: BaseException) -> str:
+    """`error` as one line that names the bad file.
+
+    Orbax wraps TensorStore's error, which names the array and the OCDBT database (the item
+    folder) and the size of the value it found; the truncated data file is then the one of
+    that size. A JSON decode error names no file, so the step's JSON files are parsed here
+    to find it."""
+    chain, seen = [], error
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for e in reversed(chain):  # the innermost message naming the step is the precise one
+        reason = _first_line(e)
+        if str(step_dir) in reason:
+            size = re.search(r"value of size (\d+)", reason)
+            if size:
+                for path in step_dir.glob("*/ocdbt.process_*/d/*"):
+                    if path.stat().length == int(size.group(1)):
+                        return f"{path} is truncated or damaged ({reason})"
+            return reason
+    # Two levels (the step's and its items' metadata); epath cannot glob `**` (on GCS it
+    # would list everything).
+    for path in sorted([*step_dir.glob("*"), *step_dir.glob("*/*")]):
+        if path.name in _JSON_NAMES or path.suffix == ".json":
+            try:
+                json.loads(path.read_text())
+            except (ValueError, OSError) as e:
+                return f"{path} is not valid JSON ({_first_line(e)})"
+    return _first_line(error)
+
+
+def _agreed(ok: bool) -> bool:
+    """True only if `ok` holds on every process (one small all-gather; none single-process)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.process_allgather(np.asarray(ok)).all())
 
 
 class Checkpointer:
@@ -134,6 +191,57 @@ class Checkpointer:
         if "data_state" in items:
             data_iter.set_state(dict(restored["data_state"]))
         return restored["state"]
+
+    def restore_newest_intact(
+        self, abstract_state: Any, *, data_iter: Any = None
+    ) -> tuple[int, Any] | None:
+        """(step, state) of the newest checkpoint that restores; None if there is none.
+
+        Newer checkpoints that failed to restore (a truncated array file, a broken
+        `_METADATA`, an unreadable data-iterator JSON) are then logged with their step and
+        the reason (the file named), and moved aside to `<directory>/corrupt-<step>`: kept
+        for inspection, never deleted, and out of Orbax's way (its steps are plain numbers;
+        left in place, the next save of that step number would be refused). A checkpoint
+        counts as corrupt only when an older one restores into the same target: if none
+        does, the target is what is wrong (another model), so nothing is moved and
+        `UnrestorableError` names the newest failure. Every process must agree, so in a
+        multi-process run a step counts only if it restored everywhere (one all-gather per
+        step tried); process 0 moves the bad ones aside.
+        """
+        failed: list[tuple[int, str]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state, error = self.restore(step, abstract_state, data_iter=data_iter), None
+            except Exception as e:  # noqa: BLE001 -- any reader error means "unusable"
+                state, error = None, e
+            if _agreed(error is None):
+                self._set_aside(failed)
+                return step, state
+            reason = (
+                _why_unreadable(self.directory / str(step), error) if error is not None
+                else "unreadable on another process"
+            )  # fmt: skip
+            failed.append((step, reason))
+        if failed:
+            step, reason = failed[0]
+            raise UnrestorableError(
+                f"no checkpoint in {self.directory} restores into this run's state; the newest"
+                f" (step {step}): {reason}. Start a fresh run with another --workdir"
+            )
+        return None
+
+    def _set_aside(self, failed: list[tuple[int, str]]) -> None:
+        for step, reason in failed:
+            aside = self.directory / f"corrupt-{step}"
+            logging.warning(
+                "Skipped checkpoint %d in %s: %s. Moved it to %s.",
+                step, self.directory, reason, aside,
+            )  # fmt: skip
+            if jax.process_index() == 0:
+                (self.directory / str(step)).rename(aside)
+        if failed:
+            _agreed(True)  # everyone waits for the moves before the manager rescans
+            self._manager.reload()
 
     def restore_config(self, step: int) -> dict[str, Any] | None:
         if "config" not in self._item_names(step):

@@ -36,6 +36,7 @@ from dithead_jax.training.state import (
     TrainState,
     ema_decay_at,
     ema_update,
+    guard_update,
     learning_rate_schedule,
 )
 
@@ -90,8 +91,9 @@ def make_train_step(
     """The un-jitted step: (state, global batch) -> (new state, scalar metrics).
 
     The per-step randomness is `fold_in(key(seed), step)`, a pure function of the state, so
-    a resumed run draws exactly the noise an uninterrupted one would. A non-finite loss or
-    gradient leaves the state untouched (the loop then stops): donated buffers would
+    a resumed run draws exactly the noise an uninterrupted one would. A non-finite loss,
+    gradient or updated parameter leaves the state untouched (`state.guard_update`; the
+    loop then stops): donated buffers would
     otherwise carry NaNs into the only copy of the weights.
     """
     schedule = diffusion.make_schedule(diffusion_config)
@@ -123,14 +125,13 @@ def make_train_step(
             ema_params=ema_update(state.ema_params, params, ema_decay_at(state.step, train_config)),
         )
         grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+        new_state, guard = guard_update(new_state, state, loss, grad_norm)
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
             "param_norm": optax.global_norm(params),
             "lr": lr_schedule(state.step),
-        }
+        } | guard
         return new_state, metrics
 
     return step_fn

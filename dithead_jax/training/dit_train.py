@@ -43,15 +43,13 @@ class DiTRun:
     @classmethod
     def from_config(cls, config: Any) -> DiTRun:
         run = cls(
-            model=cfg.from_dict(cfg.DiTConfig, config.model),
-            diffusion=cfg.from_dict(cfg.DiffusionConfig, config.diffusion),
-            train=cfg.from_dict(cfg.TrainConfig, config.train),
+            model=cfg.from_dict(cfg.DiTConfig, config.model, "config.model"),
+            diffusion=cfg.from_dict(cfg.DiffusionConfig, config.diffusion, "config.diffusion"),
+            train=cfg.from_dict(cfg.TrainConfig, config.train, "config.train"),
             mesh=sharding.mesh_config(config.mesh),
-            data=cfg.from_dict(cfg.DataConfig, config.data),
+            data=cfg.from_dict(cfg.DataConfig, config.data, "config.data"),
         )
-        if run.diffusion.mask_weight < 0:
-            raise ValueError(f"diffusion.mask_weight must be >= 0, got {run.diffusion.mask_weight}")
-        return run
+        return run  # impossible values were refused by the dataclasses (config.py)
 
 
 def _check_batch(batch: Mapping[str, np.ndarray], model: cfg.DiTConfig) -> None:

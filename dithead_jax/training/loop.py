@@ -10,9 +10,9 @@
 
 Metrics are read one step late: step s's scalars are fetched after step s+1 has been
 dispatched, so the host never idles the device just to look at a loss. The step itself
-refuses to apply a non-finite update (see `dit_step.make_train_step`); the loop stops on
-the first non-finite loss with `NonFiniteLossError`, saving nothing, so the newest
-checkpoint on disk is the last good state.
+refuses to apply a non-finite update (see `state.guard_update`: loss, gradient norm and the
+updated parameters); the loop stops on the first non-finite one with `NonFiniteLossError`,
+saving nothing, so the newest checkpoint on disk is the last good state.
 
 Preemption. A checkpoint save is collective: every process must decide to stop at the same
 step. With `jax.distributed` running (any multi-process run, see `dithead_jax/distributed.py`)
@@ -23,7 +23,11 @@ answers True on every process at one agreed step. The loop then installs no Pyth
 (it would replace JAX's). Without the service, SIGTERM sets a flag read after each step.
 Either way the loop saves that step, waits for the write and returns `preempted=True`;
 train.py exits with `EXIT_PREEMPTED` (75, EX_TEMPFAIL) so a scheduler can tell a run to
-requeue from a finished one (0) or one stopped on a non-finite loss (1).
+requeue from a finished one (0) or one stopped on a non-finite value (`EXIT_NON_FINITE`, 3).
+
+Resume takes the newest checkpoint that restores: a corrupt one is logged and moved aside
+(`Checkpointer.restore_newest_intact`); one saved by a different model is refused with the
+differing fields named (`workdir.check_resume_config`).
 """
 
 from __future__ import annotations
@@ -47,10 +51,16 @@ from dithead_jax import distributed
 from dithead_jax.config import TrainConfig
 from dithead_jax.training import metrics as metrics_lib
 from dithead_jax.training.checkpoint import Checkpointer, as_path
+from dithead_jax.training.workdir import check_resume_config
 
-# Exit status of a run that was preempted and saved its state: sysexits.h EX_TEMPFAIL
-# ("try again later"), which schedulers can map to requeue.
+# train.py's exit statuses (bad flags, config or data: `cli.EXIT_BAD_INPUT`, 2).
+EXIT_FINISHED = 0
+# Preempted and saved its state: sysexits.h EX_TEMPFAIL ("try again later"), which
+# schedulers can map to requeue.
 EXIT_PREEMPTED = 75
+# Stopped on a non-finite loss, gradient or parameter without saving that state: requeueing
+# repeats it; lower the learning rate or look at the data. Not 1, which any crash gives.
+EXIT_NON_FINITE = 3
 
 
 def config_dict(config: Any) -> dict[str, Any]:
@@ -157,29 +167,50 @@ def _progress_bar(mode: str, total: int, initial: int) -> Any:
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
 
+def _resume(ckpt: Checkpointer, task: Task) -> tuple[Any, int]:
+    """(state, step) from the newest intact checkpoint, or (task.state, 0) if none."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        logging.info("Starting from step 0 (no checkpoint in %s)", ckpt.directory)
+        return task.state, 0
+    try:
+        saved_config = ckpt.restore_config(latest)
+    except Exception:  # noqa: BLE001 -- a broken config item is the fallback's business
+        saved_config = None
+    check_resume_config(saved_config, task.config, ckpt.directory)
+    step, state = ckpt.restore_newest_intact(task.abstract_state, data_iter=task.batches)
+    logging.info("Resuming from step %d (checkpoint in %s)", step, ckpt.directory)
+    start = int(jax.device_get(state.step))
+    if start != step:
+        raise RuntimeError(f"checkpoint {step} holds a state at step {start}")
+    return state, start
+
+
 def run(task: Task, train: TrainConfig, workdir: str | os.PathLike) -> RunResult:
     """Trains `task` to `train.num_steps`, resuming from `workdir` if it holds checkpoints."""
     workdir = as_path(workdir)
+    if train.num_steps <= 0 and not (workdir / "checkpoints").exists():
+        # Nothing to train and nothing to resume: leave the workdir as it was.
+        logging.info("Nothing to do: num_steps is %d (no checkpoint in %s)",
+                     train.num_steps, workdir)  # fmt: skip
+        return RunResult(state=task.state, start_step=0, final_step=0, losses={})
     ckpt = Checkpointer(
         workdir / "checkpoints",
         keep=train.keep_checkpoints,
         asynchronous=train.async_checkpoints,
     )
-    state, start = task.state, 0
-    latest = ckpt.latest_step()
-    if latest is not None:
-        logging.info("Resuming from step %d (checkpoint in %s)", latest, ckpt.directory)
-        state = ckpt.restore(latest, task.abstract_state, data_iter=task.batches)
-        start = int(jax.device_get(state.step))
-        if start != latest:
-            raise RuntimeError(f"checkpoint {latest} holds a state at step {start}")
-    else:
-        logging.info("Starting from step 0 (no checkpoint in %s)", ckpt.directory)
+    try:
+        state, start = _resume(ckpt, task)
+    except BaseException:
+        ckpt.close()
+        raise
     if start >= train.num_steps:
         logging.info("Nothing to do: step %d >= num_steps %d", start, train.num_steps)
+        ckpt.close()
+        return RunResult(state=state, start_step=start, final_step=start, losses={})
 
     writer = metrics_lib.create_writer(workdir)
-    if latest is None and task.config is not None:
+    if start == 0 and task.config is not None:
         writer.write_hparams(metrics_lib.flatten_config(task.config))
     throughput = metrics_lib.Throughput(
         task.examples_per_step,
@@ -195,13 +226,22 @@ def run(task: Task, train: TrainConfig, workdir: str | os.PathLike) -> RunResult
         """Host side of step `step`: finiteness check, averaging, logging."""
         values = {k: float(v) for k, v in jax.device_get(dict(device_metrics)).items()}
         loss = values["loss"]
-        if not (math.isfinite(loss) and math.isfinite(values.get("grad_norm", 0.0))):
+        params_finite = values.get("params_finite", 1.0) == 1.0
+        if not (
+            params_finite and math.isfinite(loss) and math.isfinite(values.get("grad_norm", 0.0))
+        ):
             ckpt.wait()
             good = ckpt.latest_step()
             where = f"step {good} in {ckpt.directory}" if good is not None else "none yet"
+            what = (
+                ""
+                if params_finite
+                else " (the update made parameters non-finite: lower the learning rate)"
+            )
             raise NonFiniteLossError(
-                f"non-finite loss ({loss}) or gradient norm ({values.get('grad_norm')}) at "
-                f"step {step}; stopped without saving. Last good checkpoint: {where}."
+                f"non-finite loss ({loss}), gradient norm ({values.get('grad_norm')}) or "
+                f"parameters at step {step}{what}; stopped without saving. Last good "
+                f"checkpoint: {where}."
             )
         result.losses[step] = loss
         if step == start + 1:

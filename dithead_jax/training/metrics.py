@@ -195,16 +195,22 @@ def create_writer(
     return metric_writers.MultiWriter(writers)
 
 
-def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"train": {"seed": 0}} -> {"train.seed": 0}, tuples/lists as strings (hparams)."""
+def flatten_dict(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"seed": 0}} -> {"train.seed": 0}; leaves as they are."""
     out: dict[str, Any] = {}
-    for key, value in config.items():
+    for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            out |= flatten_config(value, name + ".")
+            out |= flatten_dict(value, name + ".")
         else:
-            out[name] = str(value) if isinstance(value, list | tuple) or value is None else value
+            out[name] = value
     return out
+
+
+def flatten_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A run config as flat hparams: tuples/lists and None as strings (TensorBoard's)."""
+    return {k: str(v) if isinstance(v, list | tuple) or v is None else v
+            for k, v in flatten_dict(config).items()}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------

@@ -92,6 +92,27 @@ def ema_update(ema: Any, params: Any, decay: Any) -> Any:
     return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p.astype(e.dtype) - e), ema, params)
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """() bool: every leaf of `tree` is free of NaN/inf. Inside a jitted step this is one
+    fused reduction per leaf, read with the step's other metrics (no extra host sync)."""
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]
+    return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
+
+
+def guard_update(
+    new_state: TrainState, state: TrainState, loss: jax.Array, grad_norm: jax.Array
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """Keeps `state` unless the loss, the gradient norm and the updated parameters are all
+    finite. A huge learning rate can overflow the weights while loss and gradient are still
+    finite; a state saved then would fail at the next step after resume, so the loop must
+    see it (metric `params_finite`, 0 or 1) and stop before saving. The old state is kept
+    because the step donates it: it is the only copy of the last good weights."""
+    params_finite = all_finite(new_state.params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
+    kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+    return kept, {"params_finite": params_finite.astype(jnp.float32)}
+
+
 def _split_params(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     if jax.tree.leaves(rest):

@@ -54,6 +54,7 @@ from dithead_jax.training.state import (
     create_train_state,
     ema_decay_at,
     ema_update,
+    guard_update,
 )
 
 Array = jax.Array
@@ -88,11 +89,11 @@ class VQGANRun:
         if target not in ("frames", "masked"):
             raise ValueError(f"config.target must be 'frames' or 'masked', got {target!r}")
         run = cls(
-            model=cfg.from_dict(cfg.VQGANConfig, config["model"]),
-            loss=cfg.from_dict(cfg.VQGANLossConfig, config["loss"]),
-            train=cfg.from_dict(cfg.TrainConfig, config["train"]),
+            model=cfg.from_dict(cfg.VQGANConfig, config["model"], "config.model"),
+            loss=cfg.from_dict(cfg.VQGANLossConfig, config["loss"], "config.loss"),
+            train=cfg.from_dict(cfg.TrainConfig, config["train"], "config.train"),
             mesh=sharding.mesh_config(config["mesh"]),
-            data=cfg.from_dict(cfg.DataConfig, config["data"]),
+            data=cfg.from_dict(cfg.DataConfig, config["data"], "config.data"),
             target=target,
             use_lpips=bool(get("use_lpips", True)),
             crop=int(get("crop", 0)),
@@ -142,8 +143,9 @@ def make_train_step(
     """The un-jitted step: (state, global batch, LPIPS state) -> (new state, metrics).
 
     As in `dit_step`, the per-step key is `fold_in(key(seed), step)` (a resumed run resets
-    the same codes an uninterrupted one would) and a non-finite loss or gradient leaves the
-    state untouched, so the loop can stop with the last good weights intact.
+    the same codes an uninterrupted one would) and a non-finite loss, gradient or updated
+    parameter leaves the state untouched, so the loop can stop with the last good weights
+    intact.
     """
     graphdef, tx, loss_cfg = setup.graphdef, setup.tx, run.loss
     base_key = jax.random.key(run.train.seed)
@@ -195,9 +197,8 @@ def make_train_step(
             ema_params=ema_update(state.ema_params, params, ema_decay_at(step, run.train)),
         )
         grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
-        metrics = aux["metrics"] | d_metrics
+        new_state, guard = guard_update(new_state, state, loss, grad_norm)
+        metrics = aux["metrics"] | d_metrics | guard
         metrics |= {
             "grad_norm": grad_norm,
             "generator_grad_norm": optax.global_norm(g_grads),
