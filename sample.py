@@ -2,8 +2,10 @@
 
     python sample.py --workdir W --video V --audio A --out O.mp4 [--steps 50]
         [--reference x0_same_step|noisy_same_step|fixed|final] [--seed 0] [--side-by-side]
+        [--guidance 1.0]
     python sample.py --workdir W --eval --dataset STAGE1 [--split test] [--max-clips N]
-        [--steps 50] [--modes x0_same_step,...] [--synthetic DIR] --out REPORT_DIR
+        [--steps 50] [--modes x0_same_step,...] [--guidance 1,2,3] [--synthetic DIR]
+        --out REPORT_DIR
         [--coordinator_address HOST:PORT --num_processes N --process_id I]
 
 W is a train.py DiT workdir; the VQGANs and audio features are found from it. Video mode
@@ -16,6 +18,10 @@ writes O.mp4 with A as its sound.
 or a cluster JAX detects): each process generates a contiguous share of the clips on its
 own devices and writes their side-by-side videos; process 0 writes the one report, equal
 to a one-process run's. Video mode is one process.
+
+--guidance W: classifier-free guidance on audio (1 = off; W > 1 strengthens the audio),
+for runs trained with a null audio context (diffusion.audio_dropout > 0). --eval takes a
+comma-separated list and reports every reference mode at every scale.
 """
 
 import argparse
@@ -51,14 +57,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-clips", type=int)
     p.add_argument("--max-frames", type=int)
     p.add_argument("--modes", default="x0_same_step", help="comma-separated reference modes")
+    p.add_argument("--guidance", default="1", help="audio guidance scale(s), 1 = off")
     p.add_argument("--synthetic", help="data/synthetic.py folder: ground truth and speech")
     p.add_argument("--weights", help="folder of metric weights (sets $DITHEAD_WEIGHTS)")
+    p.add_argument("--sync-expert", help="trained sync expert's workdir: LSE without "
+                   "syncnet_v2 (default: <workdir>/../sync_expert if it exists)")  # fmt: skip
     p.add_argument("--metrics", default="lpips,fid,lse",
                    help="network metrics besides PSNR/SSIM ('' for none)")  # fmt: skip
     add_distributed_args(p)
     args = p.parse_args(argv)
     if args.steps < 1:
         fail(PROG, f"--steps must be >= 1 (got {args.steps})")
+    args.guidance = parse_guidance(args.guidance, several=args.eval)
     if args.eval:
         if not args.dataset:
             fail(PROG, "--eval needs --dataset")
@@ -78,6 +88,24 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         if not args.out.endswith(".mp4"):
             fail(PROG, f"--out must be an .mp4 file (got {args.out})")
     return args
+
+
+def parse_guidance(text: str, several: bool) -> tuple[float, ...]:
+    """--guidance: finite scales >= 0 (0 = unconditional, 1 = off), one unless `several`."""
+    import math
+
+    try:
+        scales = tuple(float(w) for w in text.split(","))
+    except ValueError:
+        fail(PROG, f"--guidance must be a number{' or a comma-separated list' * several} "
+                   f"(got {text!r})")  # fmt: skip
+    if not all(math.isfinite(w) and w >= 0 for w in scales):
+        fail(PROG, f"--guidance scales must be finite and >= 0 (got {text!r})")
+    if len(scales) > 1 and not several:
+        fail(PROG, f"--guidance takes one scale in video mode (a list only with --eval): {text!r}")
+    if len(set(scales)) != len(scales):
+        fail(PROG, f"--guidance lists a scale twice: {text!r}")
+    return scales
 
 
 def dubbing_inputs(
@@ -151,7 +179,8 @@ def generate_video(args: argparse.Namespace, models) -> None:
     reference = crops["frame"][rng.integers(len(crops["frame"]))]
     faces = generate_faces(
         models, crops["masked_frame"][index], windows, reference,
-        steps=args.steps, mode=args.reference, seed=args.seed,
+        steps=args.steps, mode=args.reference, seed=args.seed, guidance=args.guidance[0],
+        landmarks=crops["landmarks"][index],
     )  # fmt: skip
     sources = list(iter_frames_at_fps(args.video, data.fps))
     out = []
@@ -187,11 +216,19 @@ def main(argv: list[str] | None = None) -> int:
         models = load_models(args.workdir)
     except (FileNotFoundError, KeyError, ValueError) as e:
         fail(PROG, f"cannot load the run in {args.workdir}: {e}")
+    from dithead_jax.sampling import check_guidance
+
+    for w in args.guidance:
+        try:
+            check_guidance(models.dit_run, w)
+        except ValueError as e:
+            fail(PROG, f"--guidance: the run in {args.workdir}: {e}")
     if not args.eval:
         check_writable_dir(PROG, Path(args.out).parent)
         generate_video(args, models)
         return 0
     from dithead_jax.evaluation.evaluate import EvalOptions, evaluate
+    from dithead_jax.evaluation.sync import find_expert
 
     options = EvalOptions(
         split=args.split,
@@ -202,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         synthetic=Path(args.synthetic) if args.synthetic else None,
         metrics=tuple(m for m in args.metrics.split(",") if m),
+        guidance=args.guidance,
+        sync_expert=Path(args.sync_expert) if args.sync_expert else find_expert(args.workdir),
     )
     out = check_writable_dir(PROG, args.out)
     try:

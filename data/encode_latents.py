@@ -5,9 +5,12 @@
 
 W1 / W2 are the train.py workdirs of the frame VQGAN (E, D) and the masked-frame VQGAN
 (E_m). Per frame: the pre-quantisation latent of the frame, K latents of the masked frame
-with the mask shifted by a few pixels (variant 0 unshifted), and the audio window. Latents
-are normalised per channel; the statistics and both VQGAN runs are recorded in the dataset,
-so sample.py finds the decoder from a DiT run alone. Resumable: finished videos are skipped.
+with the mask moved by random offsets drawn per frame and variant (variant 0 unshifted; the
+offsets are stored, and a re-run draws the same), the audio window, and DiffTalk's
+upper-face landmarks. Latents are normalised per channel, E's and E_m's each with their own
+statistics; the statistics and both VQGAN runs are recorded in the dataset, so sample.py
+finds the decoder from a DiT run alone. Resumable: finished videos are skipped (a dataset
+from before per-frame offsets cannot be resumed: encode into a new --out).
 """
 
 import argparse
@@ -27,8 +30,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vqgan", required=True, help="workdir of the frame VQGAN")
     parser.add_argument("--vqgan-masked", required=True, help="workdir of the masked VQGAN")
     parser.add_argument("--out", required=True, help="stage-2 dataset folder")
-    parser.add_argument("--mask-variants", type=int, default=4)
-    parser.add_argument("--max-shift", type=float, default=4.0, help="pixels at 256^2")
+    parser.add_argument(
+        "--mask-variants",
+        type=int,
+        default=4,
+        help="masked latents per frame: the unshifted mask + K-1 random shifts",
+    )
+    parser.add_argument(
+        "--max-shift",
+        type=float,
+        default=4.0,
+        help="largest mask offset, pixels at 256^2 (scaled with the crop)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="statistics frames and offsets")
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args(argv)
     stage1 = Path(args.dataset)
@@ -39,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         fail(PROG, f"{stage1}: not a stage-1 dataset (run data/preprocess.py first)")
     if args.mask_variants < 1 or args.batch < 1:
         fail(PROG, "--mask-variants and --batch must be >= 1")
+    if not args.max_shift >= 0:
+        fail(PROG, f"--max-shift must be >= 0 (got {args.max_shift})")
     out = check_writable_dir(PROG, args.out)
 
     from dithead_jax.data.latents import LatentJob, encode_dataset, make_encoder
@@ -58,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         vqgan_masked_workdir=args.vqgan_masked,
         num_masked=args.mask_variants,
         max_shift_at_256=args.max_shift,
+        seed=args.seed,
     )
     try:
         dataset = encode_dataset(

@@ -24,6 +24,10 @@ INNER_LIPS = tuple(range(60, 68))
 # DESIGN.md decision: hull of jaw points 1-15 and the nose-bottom point 33, so that the
 # mask outline follows the jaw and never the lips (a lip-shaped outline leaks the answer).
 LOWER_FACE_HULL = tuple(range(1, 16)) + (33,)
+# DiffTalk's landmark condition (its data loader: points 0-3 and 13-47): the face outline
+# above the chin, brows, nose and eyes; the chin (4-12) and lips (48-67) are left out so
+# the condition cannot tell how far the mouth is open.
+CONDITION_LANDMARKS = tuple(range(0, 4)) + tuple(range(13, 48))
 
 
 class ConfigError(ValueError):
@@ -157,6 +161,19 @@ class DiTConfig:
     # False: no cross-attention and no audio embedder, i.e. a plain DiT that ignores audio
     # (the "before cross-attention" model whose size DESIGN.md quotes; an ablation).
     cross_attention: bool = True
+    # A learned null audio context (`DiT.null_audio`, the embedded audio's shape) that
+    # replaces the audio of examples flagged `drop_audio`: what classifier-free guidance on
+    # audio needs (train with DiffusionConfig.audio_dropout > 0). Off: the paper's params.
+    null_audio: bool = False
+    # DiffTalk's temporal audio filter: a pre-LN residual self-attention over the window of
+    # audio tokens before they serve as cross-attention keys (zero-initialised output, so a
+    # fresh model equals the unfiltered one). "audio_tokens" layout only.
+    audio_filter: bool = False
+    # DiffTalk's landmark condition: the target frame's CONDITION_LANDMARKS (crop coordinates
+    # / image size) through a 2-layer MLP into one extra cross-attention token after the
+    # audio context; never dropped by classifier-free guidance. Needs stage-2 records with
+    # landmarks (data/encode_latents.py writes them).
+    landmark_tokens: bool = False
     learn_sigma: bool = False
     # None | "auto" | "xla" | "cudnn" | "splash" (layers.resolve_attention): "auto" is cuDNN
     # flash attention on GPU in bf16, the Pallas splash kernel on TPU, XLA elsewhere.
@@ -175,6 +192,15 @@ class DiTConfig:
                f"must divide input_size={self.input_size}")  # fmt: skip
         _check(self, "context_layout", self.context_layout in ("audio_tokens", "single_token"),
                "must be 'audio_tokens' or 'single_token'")  # fmt: skip
+        _check(self, "audio_filter",
+               not self.audio_filter or (self.cross_attention
+                                         and self.context_layout == "audio_tokens"),
+               "needs cross_attention and context_layout='audio_tokens' (it filters the "
+               "window of audio tokens)")  # fmt: skip
+        _check(self, "null_audio", not self.null_audio or self.cross_attention,
+               "needs cross_attention (without it the DiT ignores audio)")  # fmt: skip
+        _check(self, "landmark_tokens", not self.landmark_tokens or self.cross_attention,
+               "needs cross_attention (the landmarks are a cross-attention token)")  # fmt: skip
 
     @classmethod
     def named(cls, name: str, **overrides: Any) -> DiTConfig:
@@ -226,9 +252,14 @@ class DiffusionConfig:
     # the only part the DiT must invent from audio; elsewhere z_masked already shows the
     # answer, and a short run otherwise spends itself there (0 = the paper's plain MSE).
     mask_weight: float = 0.0
+    # Classifier-free guidance on audio: the probability that an example's audio is replaced
+    # by the DiT's learned null context in a training step (needs DiTConfig.null_audio).
+    audio_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         _positive(self, "num_timesteps", "beta_start", "beta_end")
+        _check(self, "audio_dropout", isinstance(self.audio_dropout, int | float)
+               and 0 <= self.audio_dropout < 1, "must lie in [0, 1)")  # fmt: skip
         _check(self, "beta_end", self.beta_start < self.beta_end < 1,
                f"must lie in (beta_start={self.beta_start}, 1)")  # fmt: skip
         _non_negative(self, "mask_weight")
@@ -281,6 +312,10 @@ class TrainConfig:
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    # After warm-up: "constant" (the paper's), or "cosine" down to 0 at num_steps. Short
+    # runs (the CPU demo) end far better annealed: the last steps average out the noise of
+    # a high constant rate instead of stopping in it.
+    lr_decay: Literal["constant", "cosine"] = "constant"
     grad_clip_norm: float | None = None
     ema_decay: float = 0.9999
     # min(ema_decay, (1 + t) / (10 + t)) at update t (LDM's LitEma): for short runs.
@@ -305,6 +340,8 @@ class TrainConfig:
         _check(self, "ema_decay", 0 <= self.ema_decay <= 1, "must lie in [0, 1]")
         _check(self, "grad_clip_norm", self.grad_clip_norm is None or self.grad_clip_norm > 0,
                "must be > 0 or None")  # fmt: skip
+        _check(self, "lr_decay", self.lr_decay in ("constant", "cosine"),
+               "must be 'constant' or 'cosine'")  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -415,6 +452,58 @@ class VQGANLossConfig:
         return self.base_learning_rate * (global_batch_size if self.scale_lr_by_batch else 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class SyncExpertConfig:
+    """The trained lip-sync expert (models/sync_expert.py): a two-tower network mapping the
+    lower half of 5 consecutive face crops and the centre frame's (audio_window, audio_dim)
+    feature window to unit embeddings, trained with InfoNCE (training/sync_expert_train.py).
+
+    The lip tower is one stride-2 3x3 conv per entry of `lip_channels` on the
+    (image_size / 2, image_size) lower half, then a linear map of the flattened grid (the
+    mouth's position in an aligned crop is information, so no global pooling).
+    """
+
+    image_size: int = 64
+    lip_channels: tuple[int, ...] = (32, 64, 128, 256)
+    audio_channels: tuple[int, ...] = (64, 128)
+    embed_dim: int = 128
+    # InfoNCE temperature on cosine similarities.
+    temperature: float = 0.1
+    # Same-clip negatives: audio shifted by min_offset..max_offset frames (either side).
+    min_offset: int = 2
+    max_offset: int = 15
+
+    def __post_init__(self) -> None:
+        _positive(self, "image_size", "embed_dim", "temperature", "min_offset")
+        _check(self, "max_offset", self.max_offset >= self.min_offset, "must be >= min_offset")
+        for name in ("lip_channels", "audio_channels"):
+            value = getattr(self, name)
+            _check(self, name, len(value) > 0 and all(int(c) > 0 for c in value),
+                   "must be a non-empty tuple of positive ints")  # fmt: skip
+        factor = 2 ** len(self.lip_channels)
+        _check(self, "image_size", self.image_size % (2 * factor) == 0,
+               f"must be a multiple of {2 * factor} (two x the lip tower's stride)")  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncLossConfig:
+    """The trained expert's sync loss on the DiT (training/sync_loss.py), LatentSync-style:
+    on the one-step x0-hat, decoded by the frozen frame VQGAN, for examples with
+    t < max_timestep; batches hold runs of `group` consecutive frames of one clip.
+    weight 0 = off (the paper's recipe)."""
+
+    weight: float = 0.0
+    max_timestep: int = 500
+    expert_workdir: str = ""
+    vqgan_workdir: str = ""
+    group: int = 5
+
+    def __post_init__(self) -> None:
+        _non_negative(self, "weight")
+        _positive(self, "max_timestep", "group")
+        _check(self, "group", self.group == 5, "must be 5 (the expert's window)")
+
+
 _DATACLASSES: dict[str, type] = {
     "VQGANConfig": VQGANConfig,
     "VQGANLossConfig": VQGANLossConfig,
@@ -424,4 +513,6 @@ _DATACLASSES: dict[str, type] = {
     "DiffusionConfig": DiffusionConfig,
     "DataConfig": DataConfig,
     "SyntheticConfig": SyntheticConfig,
+    "SyncExpertConfig": SyncExpertConfig,
+    "SyncLossConfig": SyncLossConfig,
 }

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dithead_jax.config import CONDITION_LANDMARKS
 from dithead_jax.diffusion.ddim import make_dit_sampler
 from dithead_jax.diffusion.schedule import make_schedule
 
@@ -34,6 +35,10 @@ class Models:
     vqgan_masked: nnx.Module  # E_m (masked frames)
     latent_mean: np.ndarray  # (c,) the DiT sees (z - mean) / std
     latent_std: np.ndarray
+    # (c,) E_m's own statistics for masked latents (E's for datasets made before them:
+    # what those were normalised with; data.latents.masked_statistics)
+    masked_latent_mean: np.ndarray
+    masked_latent_std: np.ndarray
     latents: dict[str, Any]  # stage-2 provenance (VQGAN runs, stage-1 dataset, its audio...)
     compiled: dict[tuple, Any] = dataclasses.field(default_factory=dict)
 
@@ -59,6 +64,7 @@ def _run_config(workdir: Path) -> Any:
 
 def load_models(workdir: str | os.PathLike) -> Models:
     """Everything generation needs, from a DiT run directory. Raises FileNotFoundError."""
+    from dithead_jax.data.latents import masked_statistics
     from dithead_jax.data.records import dataset_metadata
     from dithead_jax.training import dit_train, vqgan_train
 
@@ -69,6 +75,7 @@ def load_models(workdir: str | os.PathLike) -> Models:
         raise FileNotFoundError(f"{config.data.dir}: not a latent dataset (no VQGAN recorded)")
     stage1 = dataset_metadata(latents["stage1_dataset"])
     latents["stage1_provenance"] = stage1.get("provenance") or {}
+    masked_mean, masked_std = masked_statistics(latents)
     return Models(
         dit=dit_train.load_model(workdir, config),
         dit_run=dit_train.DiTRun.from_config(config),
@@ -76,8 +83,24 @@ def load_models(workdir: str | os.PathLike) -> Models:
         vqgan_masked=vqgan_train.load_model(latents["vqgan_masked_workdir"]),
         latent_mean=np.asarray(latents["latent_mean"], np.float32),
         latent_std=np.asarray(latents["latent_std"], np.float32),
+        masked_latent_mean=masked_mean,
+        masked_latent_std=masked_std,
         latents=latents,
     )
+
+
+def check_guidance(dit_run: Any, guidance: float) -> None:
+    """ValueError unless the run can take classifier-free guidance `guidance` (1 = off):
+    w != 1 needs the learned null audio, trained (diffusion.audio_dropout > 0)."""
+    if guidance == 1:
+        return
+    if not (dit_run.model.null_audio and dit_run.diffusion.audio_dropout > 0):
+        raise ValueError(
+            f"guidance {guidance:g} needs a run trained with a null audio context "
+            f"(model.null_audio=True, diffusion.audio_dropout > 0); this one has "
+            f"null_audio={dit_run.model.null_audio}, "
+            f"audio_dropout={dit_run.diffusion.audio_dropout:g}"
+        )
 
 
 def _decoder(vqgan: nnx.Module):
@@ -108,6 +131,35 @@ def _frame_codec(models: Models):
     return encode, _cached(models, ("decode",), lambda: _decoder(models.vqgan))
 
 
+class _WithLandmarks(nnx.Module):
+    """The DiT with each frame's landmarks carried in rows appended to its audio window.
+
+    Every sampling order slices the audio per (frame, slot) (and guidance doubles it), so
+    landmarks packed there follow their frame through all modes and orders without a
+    second per-frame input in the samplers. (N, W + r, D) -> audio (N, W, D) and landmarks
+    (N, n, 2); see `pack_landmarks`."""
+
+    def __init__(self, dit: nnx.Module, window: int):
+        self.dit, self.window = dit, window
+
+    def __call__(self, x: jax.Array, t: jax.Array, packed: jax.Array, *args) -> jax.Array:
+        n = len(CONDITION_LANDMARKS)
+        flat = packed[:, self.window :].reshape(packed.shape[0], -1)[:, : 2 * n]
+        landmarks = flat.reshape(-1, n, 2)
+        return self.dit(x, t, packed[:, : self.window], *args, landmarks=landmarks)
+
+
+def pack_landmarks(audio: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    """audio (N, W, D), landmarks (N, n, 2) -> (N, W + ceil(2n / D), D) float32, the
+    landmarks zero-padded into the extra rows (`_WithLandmarks` unpacks them)."""
+    n, _, dim = audio.shape
+    flat = np.asarray(landmarks, np.float32).reshape(n, -1)
+    rows = -(-flat.shape[1] // dim)
+    padded = np.zeros((n, rows * dim), np.float32)
+    padded[:, : flat.shape[1]] = flat
+    return np.concatenate([np.asarray(audio, np.float32), padded.reshape(n, rows, dim)], axis=1)
+
+
 def generate_faces(
     models: Models,
     masked_frames: np.ndarray,
@@ -118,27 +170,44 @@ def generate_faces(
     mode: str = "x0_same_step",
     eta: float = 0.0,
     seed: int = 0,
+    guidance: float = 1.0,
+    landmarks: np.ndarray | None = None,
 ) -> np.ndarray:
     """Face crops (N, S, S, 3) uint8 for masked crops (N, S, S, 3), audio windows (N, W, D)
-    and one reference crop (S, S, 3) of the same person (frame 0's reference)."""
-    from dithead_jax.data.latents import make_encoder
+    and one reference crop (S, S, 3) of the same person (frame 0's reference).
+    `guidance`: classifier-free guidance scale on audio (1 = off; see `check_guidance`).
+    `landmarks`: (N, 68, 2) crop pixels of the frames being generated, the ones the masked
+    crops came from (a DiT with landmark_tokens needs them; DiffTalk conditions each frame
+    on its own landmarks, so they do not depend on the reference mode)."""
+    from dithead_jax.data.latents import condition_landmarks, make_encoder
 
+    model = models.dit
+    if models.dit_run.model.landmark_tokens:
+        if landmarks is None:
+            raise ValueError("this DiT has landmark_tokens: pass each frame's landmarks")
+        audio = pack_landmarks(audio, condition_landmarks(landmarks, masked_frames.shape[1]))
+        window = models.dit_run.model.audio_window
+        model = _cached(models, ("with_landmarks",), lambda: _WithLandmarks(models.dit, window))
+
+    check_guidance(models.dit_run, guidance)
     encode, decode = _frame_codec(models)
     encode_masked = _cached(models, ("encode_masked",), lambda: make_encoder(models.vqgan_masked))
     sampler = _cached(
         models,
-        ("sample", steps, mode, eta),
+        ("sample", steps, mode, eta, guidance),
         lambda: make_dit_sampler(
-            models.dit,
+            model,
             make_schedule(models.dit_run.diffusion),
             num_steps=steps,
             eta=eta,
             mode=mode,
             prediction=models.dit_run.diffusion.prediction,
+            guidance=guidance,
         ),
     )
     mean, std = models.latent_mean, models.latent_std
-    masked = (encode_masked(masked_frames) - mean) / std
+    masked_mean, masked_std = models.masked_latent_mean, models.masked_latent_std
+    masked = (encode_masked(masked_frames) - masked_mean) / masked_std
     reference = (encode(reference_frame[None]) - mean) / std
     latents = sampler(
         jnp.asarray(masked)[None],

@@ -30,7 +30,8 @@ def test_verdict_names_the_default_mode_the_widest_margin_and_who_meets_the_bar(
             "final": {"sync": 0.82, "sync_control": 0.10},
         },
     )
-    assert "(x0_same_step references, the sampler's default): correlation **0.550**" in text
+    assert "(x0_same_step references; the unguided rows are in the table below): " in text
+    assert "correlation **0.550**" in text
     assert "widest margin over the control: final, 0.820 against 0.100" in text
     # fixed clears 0.8 but only 0.45 above its control; final clears both.
     assert "**met by final**" in text
@@ -40,3 +41,16 @@ def test_verdict_names_the_default_mode_the_widest_margin_and_who_meets_the_bar(
 def test_verdict_when_no_mode_meets_the_bar(tmp_path):
     text = _report(tmp_path, {"x0_same_step": {"sync": 0.41, "sync_control": 0.02}})
     assert "**not met**" in text and "widest margin over the control: x0_same_step" in text
+
+
+def test_fidelity_line_names_round_trip_generated_and_the_lse_expert():
+    report = {
+        "metrics": {"psnr": 16.0, "psnr_lower": 18.4, "lse_c": 0.231, "lse_d": 0.657},
+        "round_trip": {"psnr_lower": 21.9},
+        "settings": {"lse_expert": "trained expert demo/sync_expert"},
+    }
+    text = demo.fidelity(report)
+    assert "round trips 21.9 dB, generated 18.4 dB (whole generated crop 16.0 dB)" in text
+    assert "LSE-C 0.231, LSE-D 0.657 (trained expert demo/sync_expert;" in text
+    assert "LSE" not in demo.fidelity({"metrics": {"lse_c": None}})
+    assert "n/a" in demo.fidelity({})

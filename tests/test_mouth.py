@@ -59,6 +59,34 @@ def test_flicker_is_one_for_the_real_video_and_grows_with_frame_noise():
     assert flicker(real, upper, mask) == pytest.approx(1.0)
 
 
+def test_lower_face_scores_count_only_the_composited_mask_region():
+    from dithead_jax.evaluation.evaluate import composite, lower_face_scores
+
+    real = np.full((2, 8, 8, 3), 100, np.uint8)
+    fake = real.copy()
+    fake[:, :4] = 0  # wrong above the mask: paste-back never shows it
+    fake[:, 4:] = 110  # off by 10 inside it
+    mask = np.zeros((2, 8, 8), np.uint8)
+    mask[:, 4:] = 255
+    np.testing.assert_array_equal(composite(real, fake, mask)[:, :4], real[:, :4])
+    lpips_calls = []
+
+    def fake_lpips(a, b):  # records what LPIPS is asked to compare
+        lpips_calls.append((a.shape, b.copy()))
+        return np.full(len(a), 0.25)
+
+    scores = lower_face_scores(real, fake, mask, fake_lpips)
+    assert scores["psnr_lower"] == pytest.approx(10 * np.log10(255**2 / 100))
+    assert scores["psnr_composite"] == pytest.approx(10 * np.log10(255**2 / 50))
+    assert scores["lpips_lower"] == 0.25
+    ((shape, seen),) = lpips_calls
+    assert shape == (2, 4, 8, 3) and (seen == 110).all()  # the lower half of the composite
+    # Half-transparent mask edge: only pixels with alpha >= 1/2 count, blended 50/50.
+    mask[:, 4] = 128
+    edge = lower_face_scores(real, fake, mask)["psnr_lower"]
+    assert edge > scores["psnr_lower"] and "lpips_lower" not in lower_face_scores(real, fake, mask)
+
+
 def test_evaluation_protocol_values_on_a_known_answer(tmp_path, monkeypatch):
     """`_score_clip` + `_report` with a stand-in generator whose frames carry the driving
     audio in one pixel and an expert that reads that pixel back, so every sync number has a
@@ -72,7 +100,7 @@ def test_evaluation_protocol_values_on_a_known_answer(tmp_path, monkeypatch):
     size, steps = 16, 3
     rng = np.random.default_rng(4)
 
-    def generate(models, masked, audio, reference, *, steps, mode, seed):
+    def generate(models, masked, audio, reference, *, steps, mode, seed, **conditions):
         signal = audio[:, 5, 0]  # the window's centre
         if mode == "B":  # plus an offset per clip (masked frames hold the clip number)
             signal = -0.5 * signal + 0.55 * masked[:, 0, 0, 0]

@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from dithead_jax.config import SyntheticConfig, VQGANConfig, VQGANLossConfig
+from dithead_jax.config import SyntheticConfig, TrainConfig, VQGANConfig, VQGANLossConfig
 from dithead_jax.data.synthetic_dataset import render_synthetic_clip
 from dithead_jax.models.vqgan import VQGAN, refresh_codebook
 from dithead_jax.training import vqgan_losses as losses
@@ -139,7 +139,7 @@ def test_vqgan_trains_on_synthetic_frames(nets, frames):
     codes re-seeded from encoder outputs), and the GAN terms switch on at disc_start."""
     (g, params), (gd, dparams) = nets
     cfg = dataclasses.replace(LOSS_CFG, perceptual_weight=0.0, dead_code_steps=2)
-    tx = losses.optimizer(cfg, global_batch_size=1)
+    tx = losses.optimizer(cfg, TrainConfig(global_batch_size=1))
     opt, dopt = tx.init(params), tx.init(dparams)
     age = jnp.zeros(VQGANConfig.testing().codebook_size, jnp.int32)
 

@@ -1,16 +1,40 @@
 """Stage-1 dataset -> stage-2 latent records (what the DiT trains on).
 
-Per frame: E(frame) and E_m(masked frame) for K mask positions (variant 0 is the dataset's
-own mask, the others shift it by a few pixels: the paper's augmentation, see
-masks.mask_shifts), the dataset's lower-face mask area-averaged to the latent grid, plus the
-audio window. Latents are stored normalised per channel,
-(z - mean) / std, with mean and std estimated once from training frames and kept in the
-dataset's provenance together with the VQGAN runs that made it; sampling undoes it.
+Per frame: E(frame); E_m(masked frame) for K mask positions; the dataset's lower-face mask
+area-averaged to the latent grid; the audio window; the K mask shifts; and DiffTalk's
+landmarks (`config.CONDITION_LANDMARKS`, crop coordinates / image size) for the optional
+landmark condition. Latents are stored normalised per channel, (z - mean) / std: E's
+latents with E's statistics, E_m's with E_m's own (both estimated once from training
+frames, E_m's on the unshifted masked frames, and kept in the dataset's provenance with the
+VQGAN runs that made it; sampling encodes a masked frame with E_m and normalises it with
+`masked_statistics`). Datasets written before E_m had its own statistics used E's for both;
+`masked_statistics` falls back to those, which is what their latents were made with.
+
+The paper's random mask shift. Variant 0 is the dataset's own mask (sampling and evaluation
+mask with it); variants 1..K-1 move it by offsets drawn uniformly in +-max_shift pixels
+(4 at 256^2, scaled with the crop) per (frame, variant), seeded by (seed, crc32(video id),
+frame index): a re-run or resume draws the same offsets, no offset repeats across the
+dataset, and every record stores its own (`mask_shifts`, (K, 2)). The pipeline picks one
+variant per sample. The loss's mask weight stays the unshifted dataset mask: it marks
+where the target's mouth is, which a shifted conditioning mask does not move.
+
+Why K precomputed variants and not E_m on the fly in the DiT step (bench/mask_shift.py,
+2026-12, this 2-core CPU): E_m (vq-f4 encoder, configs default) on one 256^2 frame is
+342 GFLOP (XLA cost analysis; its 64x64 mid-block attention is much of it), a DiT-L/2 train
+step on one 64x64x3 example 2,482 GFLOP, so on the fly adds ~14% compute to every step of
+every epoch, plus E_m's weights and activations in the step and stage-1 pixels (JPEG
+decode + a ~8 ms mask) in the input pipeline. Each precomputed variant costs one E_m
+forward per frame once (9.1 s per frame on this CPU; a TPU/GPU does it in milliseconds),
+~8 ms of CPU for its mask, and 22 KiB per frame on disk (zstd, float16). K variants cost
+less than encoding on the fly as soon as training runs more than K-1 epochs, which a
+DiT-L/2 run does many times over; what is given up is that a frame reuses its K offsets
+from epoch to epoch (distinct across frames). More variants (--mask-variants) buy more.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,8 +43,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from dithead_jax.config import DataConfig
-from dithead_jax.data.masks import mask_shifts, shifted_masked_frames
+from dithead_jax.config import CONDITION_LANDMARKS, DataConfig
+from dithead_jax.data.masks import frame_key, mask_shifts, shifted_masked_frames
 from dithead_jax.data.records import (
     DatasetWriter,
     dataset_metadata,
@@ -59,17 +83,83 @@ def latent_mask(masks: np.ndarray, size: int) -> np.ndarray:
 
 
 def latent_statistics(
-    source, index: dict[str, np.ndarray], encoder: Encoder, frames: int, seed: int
+    source,
+    index: dict[str, np.ndarray],
+    encoder: Encoder,
+    frames: int,
+    seed: int,
+    image: Callable[[dict[str, Any]], np.ndarray] = lambda record: record["frame"],
 ) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of E(frame) over up to `frames` random training records."""
+    """Per-channel mean and std of encoder(image(record)) over up to `frames` random
+    training records (the same records for every call with one seed)."""
     total = int(index["length"].sum())
     rng = np.random.default_rng(seed)
     picks = np.sort(rng.choice(total, size=min(frames, total), replace=False))
     latents = []
     for chunk in np.array_split(picks, max(1, len(picks) // 64)):
-        latents.append(encoder(np.stack([source[int(i)]["frame"] for i in chunk])))
+        latents.append(encoder(np.stack([image(source[int(i)]) for i in chunk])))
     z = np.concatenate(latents).reshape(-1, latents[0].shape[-1]).astype(np.float64)
     return z.mean(0).tolist(), np.maximum(z.std(0), 1e-6).tolist()
+
+
+def masked_statistics(provenance: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) that normalise E_m's latents of this dataset, float32 (c,).
+
+    Datasets written before E_m had its own statistics normalised masked latents with E's,
+    so for them E's statistics are the right ones, not an approximation."""
+    mean = provenance.get("masked_latent_mean", provenance["latent_mean"])
+    std = provenance.get("masked_latent_std", provenance["latent_std"])
+    return np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+
+def condition_landmarks(landmarks: np.ndarray, image_size: int) -> np.ndarray:
+    """(..., 68, 2) crop pixels -> (..., n, 2) float32: DiffTalk's points in [0, 1] crop
+    coordinates (`config.CONDITION_LANDMARKS`)."""
+    points = np.asarray(landmarks, np.float32)[..., list(CONDITION_LANDMARKS), :]
+    return points / np.float32(image_size)
+
+
+def frame_shifts(
+    video_id: str, frame_index: np.ndarray, num_masked: int, max_shift: float, seed: int
+) -> np.ndarray:
+    """(T, K, 2) float32 mask shifts of a video's frames (masks.mask_shifts per frame)."""
+    return np.stack(
+        [mask_shifts(num_masked, max_shift, seed, frame_key(video_id, int(i))) for i in frame_index]
+    )
+
+
+def _new_provenance(job: LatentJob, size: int, encode_frames: Encoder, encode_masked: Encoder):
+    train_source, _ = open_dataset(job.stage1, "train")
+    train_index = load_video_index(job.stage1, "train")
+    data = DataConfig(image_size=size)
+    mean, std = latent_statistics(
+        train_source, train_index, encode_frames, job.stats_frames, job.seed
+    )
+    # E_m sees what it encodes for training and sampling: the frame under the unshifted
+    # mask (variant 0), on the same training records as E's statistics.
+    unshifted = np.zeros((1, 2), np.float32)
+    m_mean, m_std = latent_statistics(
+        train_source,
+        train_index,
+        encode_masked,
+        job.stats_frames,
+        job.seed,
+        lambda r: shifted_masked_frames(r["frame"], r["landmarks"], unshifted, data)[0],
+    )
+    return {
+        "stage1_dataset": os.fspath(Path(job.stage1).resolve()),
+        "vqgan_workdir": os.fspath(Path(job.vqgan_workdir).resolve()),
+        "vqgan_masked_workdir": os.fspath(Path(job.vqgan_masked_workdir).resolve()),
+        "latent_mean": mean,
+        "latent_std": std,
+        "masked_latent_mean": m_mean,
+        "masked_latent_std": m_std,
+        # Per-frame shifts: masks.mask_shifts(num_masked, max, seed, frame_key(video, frame)).
+        "mask_shift_max": job.max_shift_at_256 * size / 256,
+        "mask_shift_seed": job.seed,
+        "condition_landmarks": list(CONDITION_LANDMARKS),
+        "image_size": size,
+    }
 
 
 def encode_dataset(
@@ -79,37 +169,28 @@ def encode_dataset(
     meta = dataset_metadata(job.stage1)
     size, window, dim = meta["image_size"], meta["audio_window"], meta["audio_dim"]
     data = DataConfig(image_size=size, audio_window=window, audio_dim=dim)
-    train_source, _ = open_dataset(job.stage1, "train")
-    train_index = load_video_index(job.stage1, "train")
     existing = job.out / "writer.json"
     if existing.exists():  # resume: the statistics were fixed by the first run
-        import json
-
         provenance = json.loads(existing.read_text())["provenance"]
+        if "mask_shift_max" not in provenance:
+            raise ValueError(
+                f"{job.out}: written by an older encode_latents.py (dataset-wide mask "
+                "shifts); it cannot be resumed with per-frame shifts: pass a new --out"
+            )
     else:
-        mean, std = latent_statistics(
-            train_source, train_index, encode_frames, job.stats_frames, job.seed
-        )
-        provenance = {
-            "stage1_dataset": os.fspath(Path(job.stage1).resolve()),
-            "vqgan_workdir": os.fspath(Path(job.vqgan_workdir).resolve()),
-            "vqgan_masked_workdir": os.fspath(Path(job.vqgan_masked_workdir).resolve()),
-            "latent_mean": mean,
-            "latent_std": std,
-            "mask_shifts": mask_shifts(
-                job.num_masked, job.max_shift_at_256 * size / 256, job.seed
-            ).tolist(),
-            "image_size": size,
-        }
+        provenance = _new_provenance(job, size, encode_frames, encode_masked)
     mean = np.asarray(provenance["latent_mean"], np.float32)
     std = np.asarray(provenance["latent_std"], np.float32)
-    shifts = np.asarray(provenance["mask_shifts"], np.float32)
+    m_mean, m_std = masked_statistics(provenance)
+    max_shift, shift_seed = float(provenance["mask_shift_max"]), int(provenance["mask_shift_seed"])
     probe = encode_frames(np.zeros((1, size, size, 3), np.uint8))
     writer = DatasetWriter(
         job.out,
         "stage2",
         latent_shape=probe.shape[1:],
-        num_masked=len(shifts),
+        num_masked=job.num_masked,
+        mask_shifts=True,
+        num_landmarks=len(CONDITION_LANDMARKS),
         audio_window=window,
         audio_dim=dim,
         provenance=provenance,
@@ -131,22 +212,30 @@ def encode_dataset(
                 continue
             records = _records(source, int(start), int(length))
             frames = np.stack([r["frame"] for r in records])
+            frame_index = np.array([r["frame_index"] for r in records])
+            shifts = frame_shifts(video_id, frame_index, job.num_masked, max_shift, shift_seed)
             masked = np.stack(
-                [shifted_masked_frames(r["frame"], r["landmarks"], shifts, data) for r in records]
+                [
+                    shifted_masked_frames(r["frame"], r["landmarks"], s, data)
+                    for r, s in zip(records, shifts, strict=True)
+                ]
             )  # (T, K, S, S, 3)
             latent = (encode_frames(frames) - mean) / std
-            masked_latents = (encode_masked(masked.reshape(-1, size, size, 3)) - mean) / std
+            masked_latents = (encode_masked(masked.reshape(-1, size, size, 3)) - m_mean) / m_std
+            landmarks = np.stack([r["landmarks"] for r in records])
             writer.write_video(
                 split,
                 video_id,
                 {
                     "latent": latent,
                     "masked_latents": masked_latents.reshape(
-                        len(records), len(shifts), *latent.shape[1:]
-                    ),  # noqa: E501
+                        len(records), job.num_masked, *latent.shape[1:]
+                    ),
                     "mask": latent_mask(np.stack([r["mask"] for r in records]), latent.shape[1]),
                     "audio": np.stack([r["audio"] for r in records]),
-                    "frame_index": np.array([r["frame_index"] for r in records]),
+                    "frame_index": frame_index,
+                    "mask_shifts": shifts,
+                    "landmarks": condition_landmarks(landmarks, size),
                 },
                 identity=str(identity),
             )

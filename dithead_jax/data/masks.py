@@ -9,6 +9,9 @@ shows through, and paste-back blends over the skin around the jaw.
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Sequence
+
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull
@@ -68,20 +71,28 @@ def loss_weights(alpha, weight: float):
     return weights / weights.mean()
 
 
-def mask_shifts(num_variants: int, max_shift: float, seed: int = 0) -> np.ndarray:
-    """(K, 2) pixel shifts for the masked-latent variants; variant 0 is always unshifted.
+def mask_shifts(
+    num_variants: int, max_shift: float, seed: int = 0, key: Sequence[int] = ()
+) -> np.ndarray:
+    """(K, 2) pixel shifts (dx, dy), uniform in [-max_shift, max_shift]^2; variant 0 is
+    always unshifted (sampling and evaluation mask with the dataset's own mask).
 
-    DiT-Head shifts mask and landmarks by a few pixels at random in training. We realise it
-    as K precomputed variants per frame (the stage-2 pipeline picks one per sample) rather
-    than encoding masked frames on the fly: that keeps the VQGAN encoder (~1/10 of a DiT-L/2
-    train step per sample) out of the training step and the stage-2 records free of pixels,
-    for ~16 KiB per extra variant and frame. The shifts are fixed per dataset (seeded), so
-    every frame sees the same K offsets.
+    `key` names what the draw belongs to (`frame_key` of one frame): the shifts are a pure
+    function of (seed, key), so a re-run or resumed encode draws the same ones, and every
+    frame gets its own continuous draws -- no offset repeats across the dataset. The paper
+    moves the mask at random per training sample; `data/latents.py` says why we realise that
+    as K precomputed variants per frame instead of encoding on the fly.
     """
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), *(int(k) for k in key)]))
     shifts = rng.uniform(-max_shift, max_shift, (num_variants, 2))
     shifts[0] = 0.0
     return shifts.astype(np.float32)
+
+
+def frame_key(video_id: str, frame_index: int) -> tuple[int, int]:
+    """A frame's identity for `mask_shifts`: (crc32 of its video id, its source frame index).
+    Unlike a record position it survives re-finalizing the dataset with more videos."""
+    return zlib.crc32(video_id.encode()), int(frame_index)
 
 
 def shifted_masked_frames(

@@ -257,8 +257,8 @@ def choose_reference(
 
 
 class _LatentExample:
-    """record position -> {latent, masked_latent, reference_latent, audio (, mask)} (see
-    dit_dataset)."""
+    """record position -> {latent, masked_latent, reference_latent, audio (, mask)
+    (, landmarks)} (see dit_dataset)."""
 
     def __init__(
         self,
@@ -266,8 +266,10 @@ class _LatentExample:
         index: dict[str, np.ndarray],
         d: int,
         with_mask: bool = False,
+        with_landmarks: bool = False,
     ):
         self.source, self.min_distance, self.with_mask = source, d, with_mask
+        self.with_landmarks = with_landmarks
         self.frame_index = index["frame_index"]
         self.start, self.length = index["start"], index["length"]
         self.video_of = np.repeat(np.arange(len(self.start)), self.length)
@@ -292,6 +294,8 @@ class _LatentExample:
         }
         if self.with_mask:
             example["mask"] = np.asarray(record["mask"], np.float32) / 255.0
+        if self.with_landmarks:
+            example["landmarks"] = np.asarray(record["landmarks"], np.float32)
         return example
 
 
@@ -303,6 +307,7 @@ def dit_dataset(
     seed: int = 0,
     min_reference_distance: int = 60,
     with_mask: bool = False,
+    with_landmarks: bool = False,
     shuffle: bool = True,
     num_epochs: int | None = None,
     drop_remainder: bool = True,
@@ -316,13 +321,19 @@ def dit_dataset(
     share of batch_size, see `vqgan_dataset`):
 
         latent            (B, h, w, c)  pre-quantisation latent of the target frame
-        masked_latent     (B, h, w, c)  one of the K masked variants, at random
+        masked_latent     (B, h, w, c)  one of the K masked variants (each its own random
+                                        mask shift, variant 0 unshifted), at random
         reference_latent  (B, h, w, c)  latent of a frame of the same video at least
                                         min_reference_distance frames away
                                         (`choose_reference`)
         audio             (B, W, D)
         mask              (B, h, w)     with_mask only: the target frame's lower-face
-                                        alpha in [0, 1] on the latent grid
+                                        alpha in [0, 1] on the latent grid, unshifted:
+                                        the loss weighs where the target's mouth is,
+                                        whichever shifted mask hid it
+        landmarks         (B, n, 2)     with_landmarks only: the target frame's
+                                        DiffTalk landmarks in [0, 1] crop coordinates
+                                        (DiffTalk conditions on the frame it generates)
 
     Arguments as in `vqgan_dataset`; pass `DataConfig.min_reference_distance`.
     """
@@ -333,12 +344,17 @@ def dit_dataset(
             f"{data_dir}: these latent records have no 'mask' (written before masks were "
             "stored); re-run data/encode_latents.py to use a mask-weighted loss"
         )
+    if with_landmarks and "landmarks" not in features:
+        raise ValueError(
+            f"{data_dir}: these latent records have no 'landmarks' (written before they were "
+            "stored); re-run data/encode_latents.py to use model.landmark_tokens"
+        )
     index = records_lib.load_video_index(data_dir, split)
     if int(index["length"].sum()) != len(source):
         raise ValueError(f"{data_dir}: video index and split '{split}' disagree; re-finalize")
     return _pipeline(
         len(source),
-        _LatentExample(source, index, min_reference_distance, with_mask),
+        _LatentExample(source, index, min_reference_distance, with_mask, with_landmarks),
         seed=seed,
         shuffle=shuffle,
         rows=host_rows,

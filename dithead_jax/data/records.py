@@ -12,6 +12,8 @@ feature dim, (h, w, c) = latent shape, K = masked-latent variants:
 | `crop_box` float32 (4,) x0 y0 x1 y1, source pixels | |
 | `source_size` int32 (2,) source H, W | |
 | `audio` float32 (W, D) | `audio` float32 (W, D) |
+| | `mask_shifts` float32 (K, 2), (dx, dy) pixels: with `mask_shifts=True` |
+| | `landmarks` float32 (n, 2) DiffTalk's / image size: with `num_landmarks=n` |
 | `identity`, `video_id` Text (read back as bytes); `frame_index`, `num_frames` int32 | same |
 
 Layout of `out_dir`:
@@ -61,10 +63,10 @@ to read + decode one record through `open_dataset` (all fields / frame only):
 | PNG | 241 KiB = 20.7 GiB/hour | 92 KiB = 7.9 GiB/hour | 24 / 13; frame only 14 / 7 |
 
 Real face crops (smooth skin, blurred background) should fall between the two columns: HDTF
-(~16 h) is ~50-110 GiB as JPEG. Stage-2 records at 64x64x3 with K=1 are 49 KiB raw, 33 KiB
-after ArrayRecord's zstd on Gaussian float16 latents (2.9 GiB/hour; +~16 KiB per extra
-masked variant), read in ~2 ms. Stage-1 shards are written uncompressed (JPEG bytes do not
-compress; zstd would only cost read time), stage-2 shards with zstd.
+(~16 h) is ~50-110 GiB as JPEG. Stage-2 at 64x64x3, K=1, Gaussian float16 latents
+(bench/mask_shift.py, 2026-12): 48 KiB per frame after zstd (4.1 GiB/hour), +22 KiB per extra
+masked variant (62 / +28 KiB before float16 was stored as raw bytes). Stage-1 shards are
+uncompressed (JPEG bytes do not compress; zstd would only cost read time), stage-2 zstd.
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ _SPLIT_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 # Record keys the caller supplies (the writer adds identity, video_id and num_frames).
 _STAGE1_KEYS = ("frame", "masked_frame", "mask", "landmarks", "crop_box", "source_size", "audio")
 _STAGE2_KEYS = ("latent", "masked_latents", "mask", "audio")
+_STAGE2_OPTIONAL = ("mask_shifts", "landmarks")
 
 
 def valid_id(video_id: str) -> bool:
@@ -119,6 +122,9 @@ def make_features(
     image_encoding: Literal["jpeg", "png"] = "jpeg",
     latent_shape: Sequence[int] | None = None,
     num_masked: int = 1,
+    mask_shifts: bool = False,
+    num_landmarks: int = 0,
+    latent_bytes: bool = True,
 ) -> tfds.features.FeaturesDict:
     """The TFDS feature spec of one record (see the module docstring)."""
     common = {
@@ -153,12 +159,20 @@ def make_features(
         if num_masked < 1:
             raise ValueError(f"num_masked must be >= 1, got {num_masked}")
         shape = tuple(int(x) for x in latent_shape)
+        optional = {}
+        for key, n in (("mask_shifts", num_masked if mask_shifts else 0),
+                       ("landmarks", num_landmarks)):  # fmt: skip
+            if n:
+                optional[key] = tfds.features.Tensor(shape=(int(n), 2), dtype=np.float32)
+        # Raw bytes: tf.train.Example has no float16 list and would store them as float32
+        # (measured: 28 instead of 22 KiB per 64x64x3 latent after zstd).
+        encoding = tfds.features.Encoding.BYTES if latent_bytes else tfds.features.Encoding.NONE
+        half = dict(dtype=np.float16, encoding=encoding)
         return tfds.features.FeaturesDict(
             {
-                "latent": tfds.features.Tensor(shape=shape, dtype=np.float16),
-                "masked_latents": tfds.features.Tensor(
-                    shape=(int(num_masked), *shape), dtype=np.float16
-                ),
+                **optional,
+                "latent": tfds.features.Tensor(shape=shape, **half),
+                "masked_latents": tfds.features.Tensor(shape=(int(num_masked), *shape), **half),
                 # The lower-face mask at latent resolution: where the DiT's loss may weigh more.
                 "mask": tfds.features.Tensor(
                     shape=shape[:2], dtype=np.uint8, encoding=tfds.features.Encoding.ZLIB
@@ -293,6 +307,8 @@ class DatasetWriter:
         jpeg_quality: int = 95,
         latent_shape: Sequence[int] | None = None,
         num_masked: int = 1,
+        mask_shifts: bool = False,
+        num_landmarks: int = 0,
         provenance: Mapping[str, Any] | None = None,
     ):
         self.out_dir = Path(out_dir)
@@ -304,6 +320,13 @@ class DatasetWriter:
             params["jpeg_quality"] = jpeg_quality
         else:
             params |= dict(latent_shape=list(latent_shape or ()), num_masked=num_masked)
+            # Older writers stored float16 as float32 lists and have no `latent_bytes` in
+            # writer.json: re-opening such a folder fails here, never finalizes a mixture.
+            params["latent_bytes"] = True
+            if mask_shifts:
+                params["mask_shifts"] = True
+            if num_landmarks:
+                params["num_landmarks"] = int(num_landmarks)
         self.features = make_features(**{k: v for k, v in params.items() if k != "jpeg_quality"})
         if provenance:
             # What made these records (e.g. the VQGAN runs and latent statistics of a stage-2
@@ -349,6 +372,8 @@ class DatasetWriter:
 
     def _check_chunk(self, records: Mapping[str, Any]) -> dict[str, np.ndarray]:
         keys = _STAGE1_KEYS if self.kind == "stage1" else _STAGE2_KEYS
+        if self.kind == "stage2":
+            keys += tuple(k for k in _STAGE2_OPTIONAL if k in self.features)
         missing = [k for k in keys if k not in records]
         if missing:
             raise ValueError(f"{self.kind} records lack {missing}")

@@ -35,6 +35,12 @@ x_{i-1}^k exists as soon as every frame has finished step k-1, so all frames can
 k together ("parallel", S calls); the wavefront is exact for it too (it reads the value
 frame i-1 entered its previous-diagonal step with). "final" is strictly sequential.
 
+Classifier-free guidance on audio (`guidance` w, 1 = off): every DiT call becomes one call
+on 2M rows, the M slots with their audio and the same M with the learned null audio
+(`drop_audio`), combined as out = uncond + w (cond - uncond) on the raw output (eps or v)
+before the DDIM update. It lives in the one denoiser all orders share, so every mode and
+order gets it; at w = 1 the call is the plain unguided one (not a 2M-row call).
+
 Randomness is a function of (rng, video b, frame i, step k) only: the initial noise from
 fold_in(init_key, b, i), the eta > 0 noise of step k from fold_in(step_key, b, i, k). So the
 orders agree exactly, and frame i does not depend on N or on B. This needs a vmap-invariant
@@ -63,8 +69,9 @@ Array = jax.Array
 Mode = Literal["fixed", "noisy_same_step", "x0_same_step", "final"]
 Spacing = Literal["uniform", "trailing", "leading"]
 Order = Literal["auto", "nested", "wavefront", "parallel"]
-# model_fn(x (M, h, w, 3C), t (M,) int32, audio (M, window, dim)) -> (M, h, w, C or 2C)
-ModelFn = Callable[[Array, Array, Array], Array]
+# model_fn(x (M, h, w, 3C), t (M,) int32, audio (M, window, dim)[, drop_audio (M,) bool])
+# -> (M, h, w, C or 2C). The fourth argument is passed only with guidance != 1.
+ModelFn = Callable[..., Array]
 
 MODES: tuple[str, ...] = ("fixed", "noisy_same_step", "x0_same_step", "final")
 # The orders each mode allows (nested always works).
@@ -194,6 +201,7 @@ class _Denoiser:
         prediction: Prediction,
         clip_x0: float | None,
         step_key: Array,
+        guidance: float | Array = 1.0,
     ):
         self.model_fn = model_fn
         self.schedule = schedule
@@ -203,6 +211,20 @@ class _Denoiser:
         self.prediction = prediction
         self.clip_x0 = clip_x0
         self.step_key = step_key
+        self.guidance = guidance
+
+    def model_output(self, x: Array, t: Array, audio: Array) -> Array:
+        """The (guided) raw output for x (M, h, w, 3C): (M, h, w, C_out)."""
+        w = self.guidance
+        if isinstance(w, int | float) and w == 1:
+            return self.model_fn(x, t, audio)
+        m = x.shape[0]
+        drop = np.arange(2 * m) >= m  # rows M..2M-1: the same slots with the null audio
+        both = self.model_fn(
+            jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([audio, audio]), drop
+        )
+        cond, uncond = both[:m], both[m:]
+        return uncond + jnp.asarray(w, uncond.dtype) * (cond - uncond)
 
     def __call__(
         self,
@@ -219,7 +241,7 @@ class _Denoiser:
         Returns (x at the next timestep, x0 estimate), both (M, h, w, C).
         """
         t, t_prev = self.taus[step], self.taus[step + 1]
-        out = self.model_fn(jnp.concatenate([x, masked, reference], axis=-1), t, audio)
+        out = self.model_output(jnp.concatenate([x, masked, reference], axis=-1), t, audio)
         out = out[..., : x.shape[-1]].astype(x.dtype)  # learn_sigma: keep the mean half
         if isinstance(self.eta, int | float) and self.eta == 0:
             noise = jnp.zeros_like(x)  # skip the RNG work: sigma is 0 anyway
@@ -245,6 +267,7 @@ def _setup(
     prediction: Prediction,
     spacing: Spacing,
     clip_x0: float | None,
+    guidance: float | Array = 1.0,
 ) -> tuple[_Denoiser, Array]:
     """The shared denoiser and the initial noise (B, N, h, w, C)."""
     impl = str(jax.random.key_impl(rng))
@@ -264,6 +287,7 @@ def _setup(
         prediction=prediction,
         clip_x0=clip_x0,
         step_key=step_key,
+        guidance=guidance,
     )
     b, n = masked.shape[:2]
     x_init = _initial_noise(init_key, b, jnp.arange(n), masked.shape[2:]).astype(masked.dtype)
@@ -297,6 +321,7 @@ def sample_video_nested(
     prediction: Prediction = "epsilon",
     spacing: Spacing = "uniform",
     clip_x0: float | None = None,
+    guidance: float | Array = 1.0,
 ) -> Array:
     """Frame by frame, step by step: N*S calls of batch B. The reference order; any mode.
 
@@ -305,7 +330,7 @@ def sample_video_nested(
     """
     _check_mode(mode)
     denoise, x_init = _setup(
-        model_fn, schedule, masked, rng, num_steps, eta, prediction, spacing, clip_x0
+        model_fn, schedule, masked, rng, num_steps, eta, prediction, spacing, clip_x0, guidance
     )
     b, n = masked.shape[:2]
     videos = jnp.arange(b)
@@ -354,6 +379,7 @@ def sample_video_wavefront(
     prediction: Prediction = "epsilon",
     spacing: Spacing = "uniform",
     clip_x0: float | None = None,
+    guidance: float | Array = 1.0,
 ) -> Array:
     """Anti-diagonals of the (frame, step) grid: N+S-1 calls of batch B*min(N, S).
 
@@ -369,7 +395,7 @@ def sample_video_wavefront(
     if mode == "final":
         raise ValueError("mode 'final' is strictly sequential; use sample_video_nested")
     denoise, x_init = _setup(
-        model_fn, schedule, masked, rng, num_steps, eta, prediction, spacing, clip_x0
+        model_fn, schedule, masked, rng, num_steps, eta, prediction, spacing, clip_x0, guidance
     )
     b, n = masked.shape[:2]
     s = num_steps
@@ -433,6 +459,7 @@ def sample_video_parallel(
     prediction: Prediction = "epsilon",
     spacing: Spacing = "uniform",
     clip_x0: float | None = None,
+    guidance: float | Array = 1.0,
 ) -> Array:
     """Every frame takes step k in the same call: S calls of batch B*N.
 
@@ -443,7 +470,7 @@ def sample_video_parallel(
     if mode not in ("fixed", "noisy_same_step"):
         raise ValueError(f"mode {mode!r} needs frame i-1's step-k output: use the wavefront")
     denoise, x_init = _setup(
-        model_fn, schedule, masked, rng, num_steps, eta, prediction, spacing, clip_x0
+        model_fn, schedule, masked, rng, num_steps, eta, prediction, spacing, clip_x0, guidance
     )
     b, n = masked.shape[:2]
     z_r0 = first_reference.astype(masked.dtype)[:, None]
@@ -501,6 +528,7 @@ def sample_video(
     spacing: Spacing = "uniform",
     clip_x0: float | None = None,
     order: Order = "auto",
+    guidance: float | Array = 1.0,
 ) -> Array:
     """DDIM-sample B videos of N frames with a progressive reference (see module docstring).
 
@@ -513,7 +541,9 @@ def sample_video(
     Defaults follow the paper (250 steps, eta = 0). `eta` may be a traced scalar (one
     compile for every eta; the noise is then always drawn). `order` picks the schedule
     (`auto`: parallel for fixed / noisy_same_step, wavefront for x0_same_step, nested for
-    final). Traceable: call it inside `jax.jit` (see `make_dit_sampler`).
+    final). `guidance` w: classifier-free guidance on audio (1 = off; needs a model_fn
+    taking `drop_audio`, i.e. a DiT with null audio; each call then runs 2x the rows).
+    Traceable: call it inside `jax.jit` (see `make_dit_sampler`).
     """
     sampler = _SAMPLERS[resolve_order(mode, order)]
     return sampler(
@@ -529,6 +559,7 @@ def sample_video(
         prediction=prediction,
         spacing=spacing,
         clip_x0=clip_x0,
+        guidance=guidance,
     )
 
 

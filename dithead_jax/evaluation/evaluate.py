@@ -37,6 +37,20 @@ class EvalOptions:
     side_by_side: bool = True
     # Network metrics to compute (PSNR and SSIM always are): lpips, fid, lse.
     metrics: tuple[str, ...] = ("lpips", "fid", "lse")
+    # Classifier-free guidance scales on audio (1 = off): every mode runs at every scale.
+    guidance: tuple[float, ...] = (1.0,)
+    # LSE without syncnet_v2's weights: a trained sync expert's workdir (sync_expert.py).
+    sync_expert: Path | None = None
+
+
+def variants(options: EvalOptions) -> list[tuple[str, str, float]]:
+    """(name, reference mode, guidance scale) of every row group, modes first; the name is
+    the mode alone at scale 1 (the reports of runs without guidance keep their keys)."""
+    return [
+        (mode if w == 1 else f"{mode} w={w:g}", mode, w)
+        for mode in options.modes
+        for w in options.guidance
+    ]
 
 
 @dataclasses.dataclass
@@ -105,6 +119,45 @@ def flicker(real: np.ndarray, fake: np.ndarray, mask: np.ndarray) -> float:
     return change(fake) / max(change(real), 1e-9)
 
 
+def composite(real: np.ndarray, fake: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The generated lower face pasted into the real crop with the soft mask, as paste-back
+    does in the source frame: what a viewer of the dubbed video sees of each frame.
+    (T, S, S, 3) uint8 x2, (T, S, S) uint8 alpha -> (T, S, S, 3) uint8."""
+    alpha = mask[..., None].astype(np.float32) / 255
+    mixed = alpha * fake.astype(np.float32) + (1 - alpha) * real.astype(np.float32)
+    return np.clip(np.round(mixed), 0, 255).astype(np.uint8)
+
+
+def lower_face_scores(
+    real: np.ndarray, fake: np.ndarray, mask: np.ndarray, lpips: Any = None
+) -> dict[str, float]:
+    """Fidelity of the composite (what the dubbed video shows): its PSNR over the whole
+    crop (the paper scores the final video's face crops so, crediting the untouched upper
+    face), its PSNR over the pixels inside the mask (alpha >= 1/2: where it can differ) and,
+    with an LPIPS scorer, its LPIPS on the lower half of the crop (outside the mask the
+    composite is the real frame, so only the mask region moves it)."""
+    comp = composite(real, fake, mask).astype(np.float64)
+    inside = mask >= 128
+    err = ((comp - real.astype(np.float64)) ** 2).mean(axis=-1)
+    mse = float(err[inside].mean()) if inside.any() else 0.0
+    whole = float(err.mean())  # the paper's protocol: the composited crop, upper face too
+    scores = {
+        "psnr_composite": float(10 * np.log10(255**2 / whole)) if whole > 0 else float("inf"),
+        "psnr_lower": float(10 * np.log10(255**2 / mse)) if mse > 0 else float("inf"),
+    }
+    if lpips is not None:
+        half = real.shape[1] // 2
+        lower = composite(real, fake, mask)[:, half:]
+        scores["lpips_lower"] = float(np.mean(lpips(real[:, half:], lower)))
+    return scores
+
+
+def _clip_speech(synthetic: Path, clip: Clip, frames: int) -> np.ndarray:
+    """The 16 kHz speech under `frames` frames of the clip (from the synthetic set)."""
+    start = int(clip.frame_index[0]) * 640
+    return _truth(synthetic, clip)["audio"][start : start + frames * 640]
+
+
 def _truth(synthetic: Path, clip: Clip) -> dict[str, np.ndarray]:
     meta = np.load(synthetic / (clip.video_id.replace("+", "/") + ".npz"))
     return {"mouth_open": meta["mouth_open"][clip.frame_index], "audio": meta["audio"]}
@@ -169,23 +222,33 @@ def _score_clip(
 ) -> dict[str, Any]:
     """Everything the report needs from one clip, as plain numbers and small arrays (this
     is what travels between processes): per mode its table row, s/frame and the expert's
-    predictions; for the first mode FID features and LSE; the clip's sync references."""
+    predictions; for the first mode FID features and LSE; the clip's sync references.
+    "Mode" here is a `variants` entry: a reference mode at one guidance scale."""
     from dithead_jax.evaluation.image_metrics import psnr, ssim
     from dithead_jax.sampling import generate_faces, reconstruct_faces
 
     expert = scorers.expert
     truth = _truth(options.synthetic, clip)["mouth_open"] if expert is not None else None
     out: dict[str, Any] = {"rows": {}, "seconds": {}, "measured": {}, "control": {}}
-    for mode in options.modes:
+    # The frame VQGAN's round trip: the best any DiT sample can look (a side-by-side column
+    # and the ceiling row of the report).
+    rebuilt = reconstruct_faces(models, clip.frames)
+    out["round_trip"] = {
+        "psnr": float(np.asarray(psnr(clip.frames, rebuilt)).mean()),
+        **lower_face_scores(clip.frames, rebuilt, clip.mask, scorers.lpips),
+    }
+    all_variants = variants(options)
+    for name, mode, w in all_variants:
         started = time.perf_counter()
         fake = generate_faces(
             models, clip.masked, clip.audio, reference,
-            steps=options.steps, mode=mode, seed=options.seed,
+            steps=options.steps, mode=mode, seed=options.seed, guidance=w,
+            landmarks=clip.landmarks,
         )  # fmt: skip
-        out["seconds"][mode] = (time.perf_counter() - started) / len(fake)
+        out["seconds"][name] = (time.perf_counter() - started) / len(fake)
         row = {
             "video": clip.video_id,
-            "mode": mode,
+            "mode": name,
             "frames": len(fake),
             "psnr": float(np.asarray(psnr(clip.frames, fake)).mean()),
             "ssim": float(np.asarray(ssim(clip.frames, fake)).mean()),
@@ -193,31 +256,35 @@ def _score_clip(
         }
         if scorers.lpips is not None:
             row["lpips"] = float(scorers.lpips(clip.frames, fake).mean())
+        row |= lower_face_scores(clip.frames, fake, clip.mask, scorers.lpips)
         if expert is not None:
             control = generate_faces(
                 models, clip.masked, clip.audio[shuffle], reference,
-                steps=options.steps, mode=mode, seed=options.seed,
+                steps=options.steps, mode=mode, seed=options.seed, guidance=w,
+                landmarks=clip.landmarks,
             )  # fmt: skip
-            out["measured"][mode] = expert.predict(fake, clip.landmarks)
-            out["control"][mode] = expert.predict(control, clip.landmarks)
-            row["sync"] = sync_correlation(out["measured"][mode], truth)
-        out["rows"][mode] = row
-        if mode != options.modes[0]:
+            out["measured"][name] = expert.predict(fake, clip.landmarks)
+            out["control"][name] = expert.predict(control, clip.landmarks)
+            row["sync"] = sync_correlation(out["measured"][name], truth)
+        out["rows"][name] = row
+        if scorers.lse is not None:  # every mode: the sync expert's verdict per recipe
+            speech = _clip_speech(options.synthetic, clip, len(fake))
+            out.setdefault("lse_modes", {})[name] = scorers.lse(fake, speech)
+            if name == all_variants[0][0]:
+                out["lse"] = out["lse_modes"][name]
+                out["lse_real"] = scorers.lse(clip.frames, speech)  # the expert's ceiling
+        if name != all_variants[0][0]:
             continue
         if scorers.fid is not None:
             out["fid"] = (scorers.fid(clip.frames), scorers.fid(fake))
-        if scorers.lse is not None:
-            audio = _truth(options.synthetic, clip)["audio"]
-            start = int(clip.frame_index[0]) * 640
-            out["lse"] = scorers.lse(fake, audio[start : start + len(fake) * 640])
         if options.side_by_side:
-            _side_by_side(out_dir, clip, fake, options)
+            _side_by_side(out_dir, clip, rebuilt, fake, options)
     if expert is not None:
         # What a perfect DiT could reach: the expert on real frames (calibration) and on
         # real frames passed through the frame VQGAN (the decoder's ceiling).
         out["truth"] = truth
         out["real"] = expert.predict(clip.frames, clip.landmarks)
-        out["rebuilt"] = expert.predict(reconstruct_faces(models, clip.frames), clip.landmarks)
+        out["rebuilt"] = expert.predict(rebuilt, clip.landmarks)
     return out
 
 
@@ -251,7 +318,7 @@ def evaluate(models: Any, stage1: Path, out_dir: Path, options: EvalOptions) -> 
     """
     import jax
 
-    from dithead_jax.evaluation.sync import SyncScorer
+    from dithead_jax.evaluation.sync import make_sync_scorer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     lengths = clip_lengths(stage1, options.split, options.max_clips, options.max_frames)
@@ -271,7 +338,7 @@ def evaluate(models: Any, stage1: Path, out_dir: Path, options: EvalOptions) -> 
     lse = {"status": "unavailable", "reason": "not asked (--metrics)"}
     lse_scorer = None
     if "lse" in options.metrics:
-        lse_scorer, lse = SyncScorer(), None
+        lse_scorer, lse = make_sync_scorer(options.sync_expert, stage1), None
         if not lse_scorer.available:
             lse, lse_scorer = {"status": "unavailable", "reason": lse_scorer.reason}, None
         elif options.synthetic is None:
@@ -309,27 +376,34 @@ def _report(
     synced = "truth" in clips[0]
     truth = np.concatenate([c["truth"] for c in clips]) if synced else None
     rows, per_mode = [], {}
-    for mode in options.modes:
+    names = [name for name, _, _ in variants(options)]
+    for mode in names:
         mode_rows = [c["rows"][mode] for c in clips]
         rows += mode_rows
         summary = {
             "psnr": float(np.mean([r["psnr"] for r in mode_rows])),
             "ssim": float(np.mean([r["ssim"] for r in mode_rows])),
         }
-        if "lpips" in mode_rows[0]:
-            summary["lpips"] = float(np.mean([r["lpips"] for r in mode_rows]))
+        for key in ("lpips", "psnr_composite", "psnr_lower", "lpips_lower"):
+            if key in mode_rows[0]:
+                summary[key] = float(np.mean([r[key] for r in mode_rows]))
         if synced:
             measured = np.concatenate([c["measured"][mode] for c in clips])
             summary["sync"] = sync_correlation(measured, truth)
             control = np.concatenate([c["control"][mode] for c in clips])
             summary["sync_control"] = sync_correlation(control, truth)
+        if "lse_modes" in clips[0]:
+            lse_mode = _mean_lse([c["lse_modes"][mode] for c in clips])
+            if lse_mode.get("status") == "ok":
+                summary["lse_c"], summary["lse_d"] = lse_mode["lse_c"], lse_mode["lse_d"]
         summary["flicker"] = float(np.nanmean([r["flicker"] for r in mode_rows]))
         # The first clip's time includes compiling this mode's sampler.
         summary["s_per_frame"] = float(np.median([c["seconds"][mode] for c in clips]))
         per_mode[mode] = summary
 
-    first = per_mode[options.modes[0]]
+    first = per_mode[names[0]]
     metrics = {"psnr": first["psnr"], "ssim": first["ssim"], "lpips": first.get("lpips")}
+    metrics |= {k: first[k] for k in ("psnr_composite", "psnr_lower", "lpips_lower") if k in first}
     unavailable = {}
     if lpips_missing is not None:
         unavailable["lpips"] = lpips_missing
@@ -350,18 +424,30 @@ def _report(
         metrics["lse_c"] = metrics["lse_d"] = None
     else:
         metrics["lse_c"], metrics["lse_d"] = lse["lse_c"], lse["lse_d"]
+    settings = {
+        "split": options.split,
+        "clips": len(clips),
+        "steps": options.steps,
+        "modes": ", ".join(options.modes),
+        "seed": options.seed,
+    }
+    if options.guidance != (1.0,):
+        settings["guidance"] = ", ".join(f"{w:g}" for w in options.guidance)
+    if lse is not None and lse.get("status") == "ok":
+        settings["lse_expert"] = lse.get("expert", "syncnet_v2")  # whose LSE numbers these are
     report = {
-        "settings": {
-            "split": options.split,
-            "clips": len(clips),
-            "steps": options.steps,
-            "modes": ", ".join(options.modes),
-            "seed": options.seed,
-        },  # fmt: skip
+        "settings": settings,
         "metrics": metrics,
         "unavailable": unavailable,
         "clips": rows,
-        "modes": per_mode if len(options.modes) > 1 else None,
+        "modes": per_mode if len(names) > 1 else None,
+        # LSE of the real frames with their own audio: what the expert reads at best.
+        "lse_real": _mean_lse([c["lse_real"] for c in clips]) if "lse_real" in clips[0] else None,
+        # The same scores for the frame VQGAN's round trips of the real frames.
+        "round_trip": {
+            key: float(np.mean([c["round_trip"][key] for c in clips]))
+            for key in clips[0]["round_trip"]
+        },
     }
     if synced:
         report["sync"] = {
@@ -384,18 +470,20 @@ def _mean_lse(results: list[dict[str, Any]]) -> dict[str, Any]:
         "status": "ok",
         "lse_c": float(np.mean([r["lse_c"] for r in results])),
         "lse_d": float(np.mean([r["lse_d"] for r in results])),
+        "expert": results[0].get("expert", "syncnet_v2"),
     }
 
 
-def _side_by_side(out_dir: Path, clip: Clip, fake: np.ndarray, options: EvalOptions) -> None:
-    """ground truth | masked input | generated, with the clip's speech when known."""
+def _side_by_side(
+    out_dir: Path, clip: Clip, rebuilt: np.ndarray, fake: np.ndarray, options: EvalOptions
+) -> None:
+    """ground truth | masked input | VQGAN round trip | generated, with the clip's speech
+    when known: which stage loses the face shows at a glance."""
     from dithead_jax.data.video_io import write_video
 
-    frames = np.concatenate([clip.frames, clip.masked, fake], axis=2)
+    frames = np.concatenate([clip.frames, clip.masked, rebuilt, fake], axis=2)
     audio = None
     if options.synthetic is not None:
-        speech = _truth(options.synthetic, clip)["audio"]
-        start = int(clip.frame_index[0]) * 640
-        audio = speech[start : start + len(fake) * 640]
+        audio = _clip_speech(options.synthetic, clip, len(fake))
     name = clip.video_id.replace("+", "_").replace("/", "_")
     write_video(out_dir / f"{name}.mp4", frames, 25, audio, 16_000)

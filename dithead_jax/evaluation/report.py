@@ -65,7 +65,9 @@ def write_report(out_dir: str | Path, report: Mapping[str, Any]) -> tuple[Path, 
 
     metrics: {name: value or None}; unavailable: {name: reason}; clips: [per-clip dicts];
     sync (optional): {"correlation", "control_correlation", "expert_calibration"};
-    modes (optional): per reference-mode summaries; settings: how it was generated.
+    round_trip (optional): the frame VQGAN's round trips scored like the generated frames;
+    modes (optional): per reference-mode summaries, keyed "MODE" or, at guidance scales
+    other than 1, "MODE w=W"; settings: how it was generated.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -117,6 +119,25 @@ def write_report(out_dir: str | Path, report: Mapping[str, Any]) -> tuple[Path, 
                         "expert on VQGAN round-trips (the decoder's ceiling)",
                         sync.get("vqgan_ceiling"),
                     ],
+                ],
+            ),
+            "",
+        ]
+    round_trip, first_mode = report.get("round_trip"), report.get("metrics", {})
+    if round_trip:
+        keys = list(round_trip)
+        lines += [
+            "## Where the face is lost: the frame VQGAN's round trip vs generated",
+            "",
+            "Lower face: the generated (or round-tripped) crop composited into the real one "
+            "with the mask, as the dubbed video shows it; PSNR inside the mask, LPIPS on the "
+            "crop's lower half.",
+            "",
+            markdown_table(
+                ["", *keys],
+                [
+                    ["VQGAN round trip of the real frames", *round_trip.values()],
+                    ["generated (first mode)", *(first_mode.get(k) for k in keys)],
                 ],
             ),
             "",

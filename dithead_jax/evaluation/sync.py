@@ -44,9 +44,11 @@ speak of RGB crops; `lse_scores` takes RGB (our loaders' order) and flips it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -307,6 +309,7 @@ class SyncScorer:
     ):
         self.vshift = vshift
         self.batch_size = batch_size
+        self.name = "syncnet_v2"
         self.reason: str | None = None
         if model is None:
             try:
@@ -340,7 +343,7 @@ class SyncScorer:
             )
         video, aud = syncnet_embeddings(self.model, frames, audio, self.batch_size)
         dists = np.asarray(sync_distances(video, aud, vshift=self.vshift))
-        return scores_from_distances(dists, self.vshift)
+        return scores_from_distances(dists, self.vshift) | {"expert": self.name}
 
 
 @functools.cache
@@ -362,3 +365,163 @@ def lse_scores(
     if not scorer.available:
         _default_scorer.cache_clear()  # the file may appear later in this process
     return scorer(frames, audio, sample_rate=sample_rate, fps=fps)
+
+
+# ---------------------------------------------------------------------------------------
+# LSE from our trained expert (training/sync_expert_train.py), when syncnet_v2 is missing
+# ---------------------------------------------------------------------------------------
+#
+# The same procedure as above with the expert in SyncNet's place: window i = frames
+# i..i+4 (lip embedding v_i) against the audio window of frame i+2 (a_i, the centre frame's
+# (W, D) feature window, the DiT's own audio input); d[i, k] = 1 - cos(v_i, a_{i+k-vshift})
+# (unit embeddings, so this is ||v - a||^2 / 2; in [0, 2]); m[k] = mean over the windows
+# whose shifted audio exists (no zero padding: a zero vector has no cosine). LSE-D, LSE-C
+# and the offset follow from m as in `scores_from_distances`. The numbers are on the
+# expert's own scale: comparable between methods scored by the same expert checkpoint,
+# never with SyncNet's (whose distances are Euclidean on 1024-d unnormalised embeddings).
+
+
+def expert_mean_distances(lips: np.ndarray, audio: np.ndarray, vshift: int = VSHIFT) -> np.ndarray:
+    """m[k], k in [0, 2 vshift]: mean over valid i of 1 - cos(lips_i, audio_{i + k - vshift})
+    (NaN for an offset with no valid pair). lips, audio: (W, E) unit embeddings."""
+    lips, audio = np.asarray(lips, np.float64), np.asarray(audio, np.float64)
+    w = len(lips)
+    means = np.full(2 * vshift + 1, np.nan)
+    for k in range(2 * vshift + 1):
+        shift = k - vshift
+        i = np.arange(max(0, -shift), min(w, w - shift))
+        if i.size:
+            means[k] = np.mean(1.0 - np.sum(lips[i] * audio[i + shift], axis=-1))
+    return means
+
+
+def scores_from_mean_distances(mean: np.ndarray, num_windows: int, vshift: int) -> dict[str, Any]:
+    """LSE-D, LSE-C, offset from m[k] (offsets without pairs, NaN, left out)."""
+    valid = np.flatnonzero(np.isfinite(mean))
+    best = int(valid[np.argmin(mean[valid])])
+    ordered = np.sort(mean[valid])
+    median = float(ordered[(len(ordered) - 1) // 2])  # torch.median: lower middle
+    return {
+        "status": "ok",
+        "lse_d": float(mean[best]),
+        "lse_c": median - float(mean[best]),
+        "offset": vshift - best,
+        "num_windows": num_windows,
+        "mean_dists": [float(m) for m in mean],
+    }
+
+
+class TrainedSyncScorer:
+    """LSE-D / LSE-C from a trained sync expert: `SyncScorer`'s call signature, plus
+    `name` ("trained expert <workdir>") for the report.
+
+    workdir: a `configs/sync_expert.py` run; audio_features: how the per-frame features
+    are computed from a waveform ("logmel" or "wav2vec2:PATH", as the dataset the expert
+    was trained on was preprocessed: its metadata's provenance).
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        audio_features: str = "logmel",
+        vshift: int = VSHIFT,
+        batch_size: int = 64,
+    ):
+        from dithead_jax.data.preprocess import AudioFeaturizer
+        from dithead_jax.training.sync_expert_train import load_expert
+
+        self.model, self.run = load_expert(workdir)
+        self.name = f"trained expert {workdir}"
+        self.vshift, self.batch_size = vshift, batch_size
+        self.featurize = AudioFeaturizer(audio_features, self.run.data)
+        self.reason: str | None = None
+        self._embed = jax.jit(_expert_embed, static_argnums=0)
+        self._graphdef, self._state = nnx.split(self.model)
+
+    available = True
+
+    def embeddings(self, frames: np.ndarray, windows: np.ndarray) -> tuple[np.ndarray, ...]:
+        """frames (T, H, W, 3) RGB uint8, windows (T, W, D) per-frame audio windows ->
+        lip and audio embeddings (T - 4, E) each (window i: frames i..i+4, audio of i+2)."""
+        from dithead_jax.models.sync_expert import CENTRE, LIP_FRAMES
+
+        count = len(frames) - LIP_FRAMES + 1
+        if count <= 0 or len(windows) < len(frames):
+            raise ValueError(
+                f"too short for the sync expert: {len(frames)} frames, {len(windows)} audio "
+                f"windows (needs at least {LIP_FRAMES} of each)"
+            )
+        size = self.run.model.image_size
+        x = np.asarray(frames, np.float32) / 127.5 - 1.0
+        if x.shape[1:3] != (size, size):
+            x = np.asarray(jax.image.resize(x, (len(x), size, size, 3), "bilinear"))
+        index = np.arange(count)[:, None] + np.arange(LIP_FRAMES)[None, :]
+        lips, auds = [], []
+        for start in range(0, count, self.batch_size):
+            rows = np.minimum(start + np.arange(self.batch_size), count - 1)  # fixed shape
+            lip, aud = self._embed(
+                self._graphdef, self._state, x[index[rows]], windows[rows + CENTRE]
+            )
+            n = min(self.batch_size, count - start)
+            lips.append(np.asarray(lip[:n]))
+            auds.append(np.asarray(aud[:n]))
+        return np.concatenate(lips), np.concatenate(auds)
+
+    def __call__(
+        self,
+        frames: np.ndarray,
+        audio: np.ndarray,
+        *,
+        sample_rate: int = SAMPLE_RATE,
+        fps: float = FPS,
+    ) -> dict[str, Any]:
+        """frames: (T, H, W, 3) RGB uint8 face crops; audio: (N,) float in [-1, 1]. Returns
+        `scores_from_mean_distances`'s dict plus "expert": `self.name`."""
+        from dithead_jax.data.audio_features import audio_windows
+
+        data = self.run.data
+        if sample_rate != data.sample_rate or fps != data.fps:
+            raise ValueError(
+                f"the sync expert scores {data.fps} fps video with {data.sample_rate} Hz "
+                f"audio; got {fps} fps, {sample_rate} Hz"
+            )
+        audio = np.asarray(audio, np.float32).reshape(-1)
+        per_frame = self.featurize(audio, len(frames))
+        windows = audio_windows(per_frame, data.audio_window)
+        lips, auds = self.embeddings(frames, windows)
+        mean = expert_mean_distances(lips, auds, self.vshift)
+        return scores_from_mean_distances(mean, len(lips), self.vshift) | {"expert": self.name}
+
+
+def _expert_embed(
+    graphdef: nnx.GraphDef, state: nnx.State, lips: Array, audio: Array
+) -> tuple[Array, Array]:
+    model = nnx.merge(graphdef, state)
+    return model.embed_lips(lips), model.embed_audio(audio)
+
+
+def find_expert(run_dir: str | os.PathLike | None) -> Path | None:
+    """A trained expert next to a run: `<run_dir>/../sync_expert` holding checkpoints."""
+    if run_dir is None:
+        return None
+    candidate = Path(run_dir).parent / "sync_expert"
+    return candidate if (candidate / "checkpoints").is_dir() else None
+
+
+def make_sync_scorer(
+    expert_workdir: str | os.PathLike | None, dataset: str | os.PathLike | None = None
+) -> SyncScorer | TrainedSyncScorer:
+    """The official SyncNet v2 when its weights are found; otherwise the trained expert in
+    `expert_workdir` (its audio features as `dataset`'s preprocessing recorded them); else
+    the unavailable `SyncScorer` naming what is missing."""
+    official = SyncScorer()
+    if official.available or expert_workdir is None:
+        return official
+    spec = "logmel"
+    if dataset is not None:
+        from dithead_jax.data.records import dataset_metadata
+
+        with contextlib.suppress(FileNotFoundError):
+            spec = dataset_metadata(dataset).get("provenance", {}).get("audio_features", spec)
+    return TrainedSyncScorer(expert_workdir, audio_features=spec)

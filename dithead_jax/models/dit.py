@@ -6,6 +6,12 @@
     audio: (B, 11, 33)     audio window x feature dim (Wav2Vec2 CTC logits per video frame)
     out:   (B, H, W, C)    epsilon (or v) prediction; (B, H, W, 2C) with learn_sigma
 
+Options, off in the paper config: `null_audio` (a learned null context for
+classifier-free guidance on audio; `drop_audio` selects it per example) and `audio_filter`
+(DiffTalk's temporal filter: self-attention over the audio tokens before cross-attention),
+`landmark_tokens` (DiffTalk's landmark condition: `landmarks` (B, n, 2) of the target frame
+become one more cross-attention token after the audio context; CFG never drops it).
+
 Pipeline: patchify conv -> + fixed 2-D sin-cos positions -> N x DiTBlock -> FinalLayer ->
 unpatchify. Each block: adaLN-Zero self-attention, cross-attention to the audio context
 (own LayerNorm, ungated, zero-initialised output projection), adaLN-Zero MLP. Because every
@@ -37,7 +43,9 @@ Parameters:
   "norm"     LayerNorm scale and bias
   "layers"   the stacked-block axis, only with scan_layers=True
   None       never sharded: conv kernel taps, the q/k/v selector axis, the 256 sinusoid
-             features of the timestep MLP, the 11 rows of the audio position table.
+             features of the timestep MLP, the 11 rows of the audio position table and of
+             the null audio context (`null_audio`: (11 or 1, D) as (None, "embed")), the
+             2n landmark coordinates entering `LandmarkEmbedder`.
 Biases take the name of their output axis.
 
 Parameter layouts differ from facebookresearch/DiT (a converter must reshape):
@@ -57,7 +65,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dithead_jax import sharding
-from dithead_jax.config import DiTConfig
+from dithead_jax.config import CONDITION_LANDMARKS, DiTConfig
 from dithead_jax.models.layers import (
     Attention,
     Mlp,
@@ -127,8 +135,41 @@ class PatchEmbed(nnx.Module):
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
+class AudioFilter(nnx.Module):
+    """DiffTalk's temporal audio filter as a residual block: (B, W, D) audio tokens ->
+    (B, W, D), each token attending to the whole window. Pre-LN, output projection at zero,
+    so a fresh filter is the identity and a fresh model equals the unfiltered one."""
+
+    def __init__(self, cfg: DiTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm = nnx.LayerNorm(
+            d,
+            epsilon=_NORM_EPS,
+            scale_init=partitioned(ones, ("norm",)),
+            bias_init=partitioned(zeros, ("norm",)),
+            **kw,
+        )
+        self.attn = Attention(
+            d, cfg.num_heads, zero_init_output=True, implementation=cfg.attention_impl, **kw
+        )
+
+    def __call__(self, frames: Array) -> Array:
+        return sharding.constrain(frames + self.attn(self.norm(frames)), TOKENS)
+
+
 class AudioContextEmbedder(nnx.Module):
-    """Audio window (B, 11, 33) + timestep embedding (B, D) -> cross-attention context."""
+    """Audio window (B, 11, 33) + timestep embedding (B, D) -> cross-attention context.
+
+    With `null_audio`, examples flagged in `drop_audio` (B,) get the learned `null_audio`
+    in place of their embedded audio (the timestep part of the context stays). The null
+    lives after the projection (and the filter), not as a raw (11, 33) input: a raw null
+    reaches the keys only through the projection that carries real audio, so under
+    "audio_tokens" its tokens would be confined to the 33-dim subspace real audio spans and
+    tied to those weights; as an embedding it is free in all D dims for both layouts (as
+    DiT's null class embedding is). Shape (tokens, D): tokens = window ("audio_tokens"), or
+    1 ("single_token": the one projected window vector).
+    """
 
     def __init__(self, cfg: DiTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.layout = cfg.context_layout
@@ -140,23 +181,67 @@ class AudioContextEmbedder(nnx.Module):
             pos_init = partitioned(normal_002, (None, "embed"))
             self.frame_pos = nnx.Param(pos_init(rngs.params(), (cfg.audio_window, d), param_dtype))
             self.context_size = d
+            audio_tokens = cfg.audio_window
         elif self.layout == "single_token":
             window_features = cfg.audio_window * cfg.audio_dim
             self.window_proj = linear(window_features, d, ("audio", "embed"), **kw)
             self.context_size = 2 * d
+            audio_tokens = 1
         else:
             raise ValueError(f"unknown context_layout {self.layout!r}")
+        self.filter = AudioFilter(cfg, **kw) if cfg.audio_filter else None
+        if cfg.null_audio:
+            # Same init as frame_pos: a null as small as a position, not as the audio.
+            null_init = partitioned(normal_002, (None, "embed"))
+            self.null_audio = nnx.Param(null_init(rngs.params(), (audio_tokens, d), param_dtype))
+        else:
+            self.null_audio = None
 
-    def __call__(self, audio: Array, c: Array) -> Array:
-        """audio: (B, window, dim), c: (B, D) -> (B, window + 1, D) or (B, 1, 2D)."""
+    def __call__(self, audio: Array, c: Array, drop_audio: Array | None = None) -> Array:
+        """audio: (B, window, dim), c: (B, D), drop_audio: (B,) bool or None
+        -> (B, window + 1, D) or (B, 1, 2D)."""
+        if drop_audio is not None and self.null_audio is None:
+            raise ValueError("drop_audio needs a DiT built with DiTConfig.null_audio=True")
         # Pinned by example right after the projection, whose output is split like the
         # weight's "embed": later, the switch costs an all-to-all of (B, 11, D).
         if self.layout == "audio_tokens":
             frames = sharding.constrain(self.frame_proj(audio), TOKENS)
             frames = frames + self.frame_pos.value.astype(self.dtype or jnp.float32)
+            if self.filter is not None:
+                frames = self.filter(frames)
+            frames = self._drop(frames, drop_audio)
             return jnp.concatenate([frames, c[:, None, :].astype(frames.dtype)], axis=1)
         a_h = _per_example(self.window_proj(audio.reshape(audio.shape[0], -1)))
+        a_h = self._drop(a_h[:, None, :], drop_audio)[:, 0]
         return jnp.concatenate([a_h, c.astype(a_h.dtype)], axis=-1)[:, None, :]
+
+    def _drop(self, embedded: Array, drop_audio: Array | None) -> Array:
+        """embedded (B, tokens, D) with the flagged examples' rows replaced by the null."""
+        if drop_audio is None:
+            return embedded
+        null = self.null_audio.value.astype(embedded.dtype)
+        return jnp.where(drop_audio[:, None, None], null[None], embedded)
+
+
+class LandmarkEmbedder(nnx.Module):
+    """DiffTalk's landmark encoder E_L: (B, n, 2) landmarks in [0, 1] -> one (B, 1, width)
+    cross-attention token. DiffTalk's LdmNet is a 3-layer MLP to a 64-dim feature that is
+    concatenated with the audio feature; here a 2-layer SiLU MLP (the timestep MLP's shape)
+    to the context width, appended as a token like the timestep's. One token for all points:
+    the outline acts as one shape, and per-point tokens would add n keys to every block."""
+
+    def __init__(self, cfg: DiTConfig, width: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        kw = dict(kernel_init=normal_002, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # The 2n coordinates are few and never worth sharding: None.
+        self.fc1 = linear(2 * len(CONDITION_LANDMARKS), d, (None, "mlp"), **kw)
+        self.fc2 = linear(d, width, ("mlp", "embed"), **kw)
+
+    def __call__(self, landmarks: Array) -> Array:
+        """landmarks: (B, n, 2) -> (B, 1, width)."""
+        # Centred on the crop: coordinates in [-1, 1] like the other inputs' scale.
+        flat = (landmarks.reshape(landmarks.shape[0], -1) - 0.5) * 2.0
+        return self.fc2(nnx.silu(self.fc1(flat)))[:, None, :]
 
 
 class DiTBlock(nnx.Module):
@@ -239,6 +324,9 @@ class DiT(nnx.Module):
         else:
             self.context_embedder = None
             context_size = None
+        self.landmark_embedder = (
+            LandmarkEmbedder(cfg, context_size, **kw) if cfg.landmark_tokens else None
+        )
 
         if cfg.scan_layers:
             # One DiTBlock with a leading (depth,) axis on every parameter, built by vmap so
@@ -253,8 +341,21 @@ class DiT(nnx.Module):
             self.blocks = nnx.List([DiTBlock(cfg, context_size, **kw) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(cfg, self.out_channels, **kw)
 
-    def __call__(self, x: Array, t: Array, audio: Array | None = None) -> Array:
-        """x: (B, H, W, 3C), t: (B,), audio: (B, window, dim) -> (B, H, W, C_out) float32."""
+    def __call__(
+        self,
+        x: Array,
+        t: Array,
+        audio: Array | None = None,
+        drop_audio: Array | None = None,
+        *,
+        landmarks: Array | None = None,
+    ) -> Array:
+        """x: (B, H, W, 3C), t: (B,), audio: (B, window, dim) -> (B, H, W, C_out) float32.
+
+        drop_audio: (B,) bool, True where the example gets the learned null audio context
+        instead of its audio (DiTConfig.null_audio; classifier-free guidance).
+        landmarks: (B, n, 2) the target frame's CONDITION_LANDMARKS in [0, 1] crop
+        coordinates (needed with DiTConfig.landmark_tokens, ignored without)."""
         cfg = self.config
         _, h, w, channels = x.shape
         if (h, w) != (cfg.input_size, cfg.input_size) or channels != self.in_channels:
@@ -274,7 +375,12 @@ class DiT(nnx.Module):
         if self.context_embedder is not None:
             if audio is None:
                 raise ValueError("this DiT has cross-attention and needs `audio`")
-            context = self.context_embedder(audio.astype(compute_dtype), c)
+            context = self.context_embedder(audio.astype(compute_dtype), c, drop_audio)
+            if self.landmark_embedder is not None:
+                if landmarks is None:
+                    raise ValueError("this DiT has landmark_tokens and needs `landmarks`")
+                lm = self.landmark_embedder(landmarks.astype(compute_dtype))
+                context = jnp.concatenate([context, lm.astype(context.dtype)], axis=1)
             context = sharding.constrain(context, TOKENS)
         tokens = self._run_blocks(tokens, c, context)
         patches = self.final_layer(tokens, c)  # (B, L, p*p*C_out)

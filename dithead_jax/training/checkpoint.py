@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grain
@@ -267,3 +267,28 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def restore_trained(
+    workdir: str | os.PathLike,
+    make_setup: Callable[[dict[str, Any]], Any],
+    *,
+    step: int | None = None,
+    what: str = "checkpoint",
+) -> tuple[dict[str, Any], Any, Any]:
+    """A finished (or interrupted) run, for inference: the newest (or `step`'s) checkpoint
+    in `workdir`, restored against `make_setup(its run config)` (a `state.StateSetup`, on
+    whatever mesh the caller chose). Returns (run config, setup, restored TrainState).
+    `what` names the run in errors ("no sync-expert checkpoint in ...")."""
+    ckpt = Checkpointer(as_path(workdir) / "checkpoints")
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no {what} in {ckpt.directory}")
+        config = ckpt.restore_config(step)
+        if config is None:
+            raise FileNotFoundError(f"checkpoint {step} in {ckpt.directory} has no run config")
+        setup = make_setup(config)
+        return config, setup, ckpt.restore(step, setup.abstract)
+    finally:
+        ckpt.close()

@@ -28,17 +28,17 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from dithead_jax import sharding
-from dithead_jax.config import DiffusionConfig, DiTConfig, TrainConfig
+from dithead_jax.config import CONDITION_LANDMARKS, DiffusionConfig, DiTConfig, TrainConfig
 from dithead_jax.data import masks
 from dithead_jax.diffusion import schedule as diffusion
 from dithead_jax.training.state import (
     StateSetup,
     TrainState,
-    ema_decay_at,
-    ema_update,
+    apply_gradients,
     guard_update,
     learning_rate_schedule,
 )
+from dithead_jax.training.sync_loss import Recorder
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -46,9 +46,20 @@ Metrics = dict[str, Array]
 BATCH_KEYS = ("latent", "masked_latent", "reference_latent", "audio")
 
 
-def batch_keys(diffusion_config: DiffusionConfig) -> tuple[str, ...]:
-    """The batch entries a step reads: BATCH_KEYS, plus the mask for a mask-weighted loss."""
-    return BATCH_KEYS + (("mask",) if diffusion_config.mask_weight else ())
+def batch_keys(
+    diffusion_config: DiffusionConfig, model_config: DiTConfig | None = None
+) -> tuple[str, ...]:
+    """The batch entries a step reads: BATCH_KEYS, plus the mask for a mask-weighted loss
+    and the landmarks for a DiT with landmark tokens."""
+    keys = BATCH_KEYS + (("mask",) if diffusion_config.mask_weight else ())
+    if model_config is not None and model_config.landmark_tokens:
+        keys += ("landmarks",)
+    return keys
+
+
+def conditions(batch: Batch) -> dict[str, Array]:
+    """The DiT's keyword conditions a batch carries: `landmarks` when present."""
+    return {"landmarks": batch["landmarks"]} if "landmarks" in batch else {}
 
 
 def model_input(z_t: Array, batch: Batch) -> Array:
@@ -63,15 +74,25 @@ def dit_loss(
     schedule: diffusion.Schedule,
     prediction: diffusion.Prediction,
     mask_weight: float = 0.0,
+    audio_dropout: float = 0.0,
 ) -> tuple[Array, dict[str, Array]]:
     """Denoising MSE for one batch: t ~ U[0, T), eps ~ N(0, I), z_t = q_sample(z_0, t, eps),
     weighted 1 + mask_weight * alpha inside the lower-face mask when mask_weight > 0.
 
+    With audio_dropout > 0 each example's audio is replaced by the model's learned null
+    context with that probability (classifier-free guidance). The coin comes from
+    fold_in(rng, 1), so t and eps (drawn from `rng` itself) are those of a run without
+    dropout; at 0 no coin is drawn and the loss is exactly the plain one.
+
     Returns (scalar loss, aux) as `diffusion.training_loss` does.
     """
+    kwargs = conditions(batch)
+    if audio_dropout:  # else the model call is the plain one (stand-ins need no drop_audio)
+        n = batch["latent"].shape[0]
+        kwargs["drop_audio"] = jax.random.bernoulli(jax.random.fold_in(rng, 1), audio_dropout, (n,))
 
     def model_fn(z_t: Array, t: Array) -> Array:
-        return model(model_input(z_t, batch), t, batch["audio"])
+        return model(model_input(z_t, batch), t, batch["audio"], **kwargs)
 
     weights = None
     if mask_weight:
@@ -87,8 +108,12 @@ def make_train_step(
     setup: StateSetup,
     diffusion_config: DiffusionConfig,
     train_config: TrainConfig,
+    sync: Any = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """The un-jitted step: (state, global batch) -> (new state, scalar metrics).
+
+    `sync`: a `training.sync_loss.SyncLoss` adds the trained expert's loss; the step then
+    takes a third argument, its frozen weights (never in the state; see that module).
 
     The per-step randomness is `fold_in(key(seed), step)`, a pure function of the state, so
     a resumed run draws exactly the noise an uninterrupted one would. A non-finite loss,
@@ -101,29 +126,29 @@ def make_train_step(
     graphdef, tx = setup.graphdef, setup.tx
     base_key = jax.random.key(train_config.seed)
 
-    def step_fn(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    def step_fn(state: TrainState, batch: Batch, frozen: Any = None) -> tuple[TrainState, Metrics]:
         rng = jax.random.fold_in(base_key, state.step)
 
         def loss_of(params: nnx.State) -> tuple[Array, dict[str, Array]]:
             model = nnx.merge(graphdef, params)
-            return dit_loss(
+            if sync is not None:  # keeps the DiT's output for the one-step x0-hat
+                model = Recorder(model)
+            loss, aux = dit_loss(
                 model,
                 batch,
                 rng,
                 schedule,
                 diffusion_config.prediction,
                 diffusion_config.mask_weight,
+                diffusion_config.audio_dropout,
             )
+            if sync is not None:
+                loss, aux = sync.add_to(loss, aux, model, batch, frozen)
+            return loss, aux
 
-        (loss, _), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=params,
-            opt_state=opt_state,
-            ema_params=ema_update(state.ema_params, params, ema_decay_at(state.step, train_config)),
-        )
+        (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        new_state = apply_gradients(state, grads, tx, train_config)
+        params = new_state.params
         grad_norm = optax.global_norm(grads)
         new_state, guard = guard_update(new_state, state, loss, grad_norm)
         metrics = {
@@ -132,6 +157,7 @@ def make_train_step(
             "param_norm": optax.global_norm(params),
             "lr": lr_schedule(state.step),
         } | guard
+        metrics |= {k: v for k, v in aux.items() if k.startswith("sync_")}
         return new_state, metrics
 
     return step_fn
@@ -142,8 +168,10 @@ def jit_train_step(
     setup: StateSetup,
     batch_sharding: NamedSharding,
     compiler_options: Mapping[str, Any] | None = None,
+    with_frozen: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """`jax.jit` with explicit shardings; the old state is donated (updated in place).
+    with_frozen: the step takes a third, replicated argument (the sync loss's weights).
 
     `compiler_options`: XLA options for this one computation (tests use
     `FAST_COMPILE_CPU` to cut CPU compile time ~2.5x; numerics are unchanged).
@@ -151,7 +179,8 @@ def jit_train_step(
     mesh = batch_sharding.mesh
     return jax.jit(
         step_fn,
-        in_shardings=(setup.shardings, batch_sharding),
+        in_shardings=(setup.shardings, batch_sharding)
+        + ((sharding.replicated(mesh),) if with_frozen else ()),
         out_shardings=(setup.shardings, sharding.replicated(mesh)),
         donate_argnums=0,
         compiler_options=dict(compiler_options) if compiler_options else None,
@@ -201,9 +230,11 @@ def make_preview(
         out = dict(sub, noisy=z_t)
         for name, params in (("denoised", state.params), ("denoised_ema", state.ema_params)):
             model = nnx.merge(graphdef, params)
-            pred = model(model_input(z_t, sub), t, sub["audio"])[..., : z0.shape[-1]]
+            pred = model(model_input(z_t, sub), t, sub["audio"], **conditions(sub))
+            pred = pred[..., : z0.shape[-1]]
             out[name], _ = diffusion.to_x0_and_eps(prediction, schedule, z_t, t, pred)
         out.pop("audio")
+        out.pop("landmarks", None)
         return out
 
     return jax.jit(
@@ -242,6 +273,12 @@ def dit_forward_flops(cfg: DiTConfig) -> float:
         else:
             keys, width = 1, 2 * d
             flops += 2 * cfg.audio_window * cfg.audio_dim * d
+        if cfg.landmark_tokens:  # the landmark MLP, and one more key in every block
+            keys += 1
+            flops += 2 * 2 * len(CONDITION_LANDMARKS) * d + 2 * d * width
+        if cfg.audio_filter:  # self-attention over the W audio tokens, once per example
+            w = cfg.audio_window
+            flops += 2 * w * d * 3 * d + 2 * 2 * w * w * d + 2 * w * d * d
         block += 2 * tokens * d * d + 2 * keys * width * 2 * d  # q, k/v
         block += 2 * 2 * tokens * keys * d + 2 * tokens * d * d  # scores, values, out
     flops += cfg.depth * block

@@ -39,16 +39,24 @@ class DiTRun:
     train: cfg.TrainConfig
     mesh: cfg.MeshConfig
     data: cfg.DataConfig
+    # The trained expert's loss (training/sync_loss.py); off (weight 0) unless configured.
+    sync_loss: cfg.SyncLossConfig = cfg.SyncLossConfig()
 
     @classmethod
     def from_config(cls, config: Any) -> DiTRun:
+        sync = config.get("sync_loss") or {}
         run = cls(
+            sync_loss=cfg.from_dict(cfg.SyncLossConfig, sync, "config.sync_loss"),
             model=cfg.from_dict(cfg.DiTConfig, config.model, "config.model"),
             diffusion=cfg.from_dict(cfg.DiffusionConfig, config.diffusion, "config.diffusion"),
             train=cfg.from_dict(cfg.TrainConfig, config.train, "config.train"),
             mesh=sharding.mesh_config(config.mesh),
             data=cfg.from_dict(cfg.DataConfig, config.data, "config.data"),
         )
+        if run.diffusion.audio_dropout and not run.model.null_audio:
+            raise cfg.ConfigError(
+                "config.model.null_audio", "must be True when diffusion.audio_dropout > 0"
+            )
         return run  # impossible values were refused by the dataclasses (config.py)
 
 
@@ -56,6 +64,8 @@ def _check_batch(batch: Mapping[str, np.ndarray], model: cfg.DiTConfig) -> None:
     latent = (model.input_size, model.input_size, model.latent_channels)
     want = {k: latent for k in ("latent", "masked_latent", "reference_latent")}
     want["audio"] = (model.audio_window, model.audio_dim)
+    if model.landmark_tokens:
+        want["landmarks"] = (len(cfg.CONDITION_LANDMARKS), 2)
     for key, shape in want.items():
         if key not in batch:
             raise ValueError(f"stage-2 batches need {key!r}; got {sorted(batch)}")
@@ -76,13 +86,17 @@ def dit_batches(
 
     if not run.data.dir:
         raise ValueError("--config.data.dir must name stage-2 latent records")
-    dataset = pipelines.dit_dataset(
+    make = pipelines.dit_dataset
+    if run.sync_loss.weight:  # runs of 5 consecutive frames for the expert
+        from dithead_jax.data.sync_windows import dit_group_dataset as make
+    dataset = make(
         run.data.dir,
         "train",
         batch_size=run.train.global_batch_size,
         seed=run.train.seed + seed_offset,
         min_reference_distance=run.data.min_reference_distance,
         with_mask=bool(run.diffusion.mask_weight),
+        with_landmarks=run.model.landmark_tokens,
         shuffle=shuffle,
         host_rows=rows,
     )
@@ -120,7 +134,7 @@ def build_task(
         preview_batch = next(dit_batches(run, rows, shuffle=False, seed_offset=1))
 
     to_global = loop.global_batcher(
-        dit_step.batch_keys(run.diffusion), batch_sharding, run.train.global_batch_size
+        dit_step.batch_keys(run.diffusion, run.model), batch_sharding, run.train.global_batch_size
     )
 
     # ---- Model and sharded state ---------------------------------------------------------
@@ -137,13 +151,23 @@ def build_task(
                  count_params(state) / 1e6, run.model.dtype, run.model.param_dtype)  # fmt: skip
 
     # ---- Step ----------------------------------------------------------------------------
-    step_fn = dit_step.make_train_step(setup, run.diffusion, run.train)
-    jitted = dit_step.jit_train_step(step_fn, setup, batch_sharding, compiler_options)
+    sync, frozen = None, ()
+    if run.sync_loss.weight:  # frozen expert + frame VQGAN: an argument, not in the state
+        from dithead_jax.training import sync_loss
+
+        sync, weights = sync_loss.build(
+            run.sync_loss, run.data.dir, run.diffusion, sharding.replicated(mesh)
+        )
+        frozen = (weights,)
+    step_fn = dit_step.make_train_step(setup, run.diffusion, run.train, sync)
+    jitted = dit_step.jit_train_step(
+        step_fn, setup, batch_sharding, compiler_options, with_frozen=sync is not None
+    )
 
     def train_step(state: Any, batch: Any) -> Any:
         # Traced under the rules so that the model's activation constraints apply.
         with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-            return jitted(state, batch)
+            return jitted(state, batch, *frozen)
 
     # ---- Preview -------------------------------------------------------------------------
     preview = None
@@ -197,6 +221,8 @@ def lower_train_step(
     shapes = {k: (n, model.input_size, model.input_size, model.latent_channels)
               for k in ("latent", "masked_latent", "reference_latent")}  # fmt: skip
     shapes["audio"] = (n, model.audio_window, model.audio_dim)
+    if model.landmark_tokens:
+        shapes["landmarks"] = (n, len(cfg.CONDITION_LANDMARKS), 2)
     batch = {k: jax.ShapeDtypeStruct(v, np.float32, sharding=batch_sharding)
              for k, v in shapes.items()}  # fmt: skip
     step_fn = dit_step.make_train_step(setup, diffusion or cfg.DiffusionConfig(), train)

@@ -53,13 +53,19 @@ class StateSetup:
     shardings: TrainState  # TrainState of NamedSharding
 
 
-def learning_rate_schedule(train: TrainConfig) -> optax.Schedule:
-    """Constant `learning_rate` (the paper: 1e-4), after a linear warm-up if asked for."""
-    if train.warmup_steps <= 0:
-        return optax.constant_schedule(train.learning_rate)
-    warmup = optax.linear_schedule(0.0, train.learning_rate, train.warmup_steps)
-    constant = optax.constant_schedule(train.learning_rate)
-    return optax.join_schedules([warmup, constant], [train.warmup_steps])
+def learning_rate_schedule(train: TrainConfig, peak: float | None = None) -> optax.Schedule:
+    """`peak` (default `train.learning_rate`; the paper: 1e-4) after a linear warm-up if
+    asked for, then constant or (`train.lr_decay="cosine"`) cosine-annealed to 0 at
+    `train.num_steps`."""
+    peak = train.learning_rate if peak is None else peak
+    warmup = max(train.warmup_steps, 0)
+    if train.lr_decay == "cosine":
+        after = optax.cosine_decay_schedule(peak, max(train.num_steps - warmup, 1))
+    else:
+        after = optax.constant_schedule(peak)
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
 def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
@@ -90,6 +96,28 @@ def ema_decay_at(step: Any, train: TrainConfig) -> Any:
 def ema_update(ema: Any, params: Any, decay: Any) -> Any:
     """ema <- decay * ema + (1 - decay) * params, leaf by leaf, in the EMA's dtype."""
     return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p.astype(e.dtype) - e), ema, params)
+
+
+def apply_gradients(
+    state: TrainState,
+    grads: Any,
+    tx: optax.GradientTransformation,
+    train: TrainConfig,
+    edit: Callable[[Any], Any] | None = None,
+) -> TrainState:
+    """One optimiser update of `state` by `grads`, the same in every stage's step: Adam(W)
+    on the params, then `edit` of the new params if given (the VQGAN re-seeds dead codes
+    there, after the update as taming does), then the EMA of the result, step + 1."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if edit is not None:
+        params = edit(params)
+    return TrainState(
+        step=state.step + 1,
+        params=params,
+        opt_state=opt_state,
+        ema_params=ema_update(state.ema_params, params, ema_decay_at(state.step, train)),
+    )
 
 
 def all_finite(tree: Any) -> jax.Array:

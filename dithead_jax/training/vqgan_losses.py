@@ -44,11 +44,12 @@ import optax
 from flax import nnx
 from jaxtyping import Array, Float
 
-from dithead_jax.config import VQGANLossConfig
+from dithead_jax.config import TrainConfig, VQGANLossConfig
 from dithead_jax.data import masks
 from dithead_jax.models.discriminator import NLayerDiscriminator
 from dithead_jax.models.lpips import LPIPS
 from dithead_jax.models.vqgan import VQGAN, constrain
+from dithead_jax.training.state import learning_rate_schedule
 
 Batch = Mapping[str, Array] | Array
 ImageLoss = Callable[[Float[Array, "b h w c"]], jax.Array]
@@ -81,10 +82,16 @@ def discriminator_model(cfg: VQGANLossConfig, *, rngs: nnx.Rngs, in_channels: in
     )
 
 
-def optimizer(cfg: VQGANLossConfig, global_batch_size: int) -> optax.GradientTransformation:
+def optimizer(cfg: VQGANLossConfig, train: TrainConfig) -> optax.GradientTransformation:
     """Adam(beta 0.5, 0.9) at LDM's batch-scaled rate; one instance each for the VQGAN
-    and the discriminator (the same lr, as LDM's lr_g_factor = 1)."""
-    return optax.adam(cfg.learning_rate(global_batch_size), b1=cfg.adam_b1, b2=cfg.adam_b2)
+    and the discriminator (the same lr, as LDM's lr_g_factor = 1). Warm-up and decay
+    follow `train` (`state.learning_rate_schedule`); LDM's is constant."""
+    peak = cfg.learning_rate(train.global_batch_size)
+    constant = train.lr_decay == "constant" and train.warmup_steps == 0
+    # A plain float keeps the optimiser state of runs saved before schedules existed (a
+    # schedule adds a step counter to it, and their checkpoints would no longer restore).
+    schedule = peak if constant else learning_rate_schedule(train, peak)
+    return optax.adam(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2)
 
 
 # ---------------------------------------------------------------------------------------

@@ -50,11 +50,11 @@ from dithead_jax.training.state import (
     StateSetup,
     TrainState,
     abstract_train_state,
+    apply_gradients,
     count_params,
     create_train_state,
-    ema_decay_at,
-    ema_update,
     guard_update,
+    learning_rate_schedule,
 )
 
 Array = jax.Array
@@ -134,7 +134,7 @@ class VQGANTrainer(nnx.Module):
 
 
 def make_optimizer(run: VQGANRun) -> optax.GradientTransformation:
-    return losses.optimizer(run.loss, run.train.global_batch_size)
+    return losses.optimizer(run.loss, run.train)
 
 
 def make_train_step(
@@ -149,7 +149,7 @@ def make_train_step(
     """
     graphdef, tx, loss_cfg = setup.graphdef, setup.tx, run.loss
     base_key = jax.random.key(run.train.seed)
-    lr = run.learning_rate
+    lr_schedule = learning_rate_schedule(run.train, run.learning_rate)
 
     def step_fn(state: TrainState, batch: Batch, lpips_state: Any) -> tuple[TrainState, Metrics]:
         step = state.step
@@ -174,28 +174,25 @@ def make_train_step(
 
         grads = jax.tree.map(jnp.zeros_like, state.params)  # code_age: zero gradient
         grads["vqgan"], grads["disc"] = g_grads, d_grads
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        resets = []
 
-        # Codebook upkeep after the update, as taming's trainers do it.
-        quantize = params["vqgan"]["quantize"]
-        codebook, age, reset = refresh_codebook(
-            quantize["codebook"][...],
-            params["code_age"][...].astype(jnp.int32),
-            aux["indices"],
-            aux["latents"],
-            jax.random.fold_in(base_key, step),
-            loss_cfg.dead_code_steps,
-        )
-        quantize["codebook"] = quantize["codebook"].replace(codebook)
-        params["code_age"] = params["code_age"].replace(age.astype(jnp.float32))
+        def codebook_upkeep(params: nnx.State) -> nnx.State:
+            quantize = params["vqgan"]["quantize"]
+            codebook, age, reset = refresh_codebook(
+                quantize["codebook"][...],
+                params["code_age"][...].astype(jnp.int32),
+                aux["indices"],
+                aux["latents"],
+                jax.random.fold_in(base_key, step),
+                loss_cfg.dead_code_steps,
+            )
+            quantize["codebook"] = quantize["codebook"].replace(codebook)
+            params["code_age"] = params["code_age"].replace(age.astype(jnp.float32))
+            resets.append(reset)
+            return params
 
-        new_state = TrainState(
-            step=step + 1,
-            params=params,
-            opt_state=opt_state,
-            ema_params=ema_update(state.ema_params, params, ema_decay_at(step, run.train)),
-        )
+        new_state = apply_gradients(state, grads, tx, run.train, edit=codebook_upkeep)
+        reset = resets[0]
         grad_norm = optax.global_norm(grads)
         new_state, guard = guard_update(new_state, state, loss, grad_norm)
         metrics = aux["metrics"] | d_metrics | guard
@@ -204,7 +201,7 @@ def make_train_step(
             "generator_grad_norm": optax.global_norm(g_grads),
             "disc_grad_norm": optax.global_norm(d_grads),
             "codes_reset": reset,
-            "lr": jnp.asarray(lr),
+            "lr": lr_schedule(step),
         }
         return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
@@ -385,26 +382,17 @@ def load_model(workdir: str | os.PathLike, *, ema: bool = False, step: int | Non
     The run config is read from the checkpoint itself. Plain weights by default: LDM's
     VQGANs keep no EMA, and an averaged codebook blurs codes that were re-seeded as dead.
     """
-    from dithead_jax.training.checkpoint import Checkpointer, as_path
+    from dithead_jax.training.checkpoint import restore_trained
 
-    ckpt = Checkpointer(as_path(workdir) / "checkpoints")
-    try:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-        config = ckpt.restore_config(step)
-        if config is None:
-            raise FileNotFoundError(f"checkpoint {step} in {ckpt.directory} has no run config")
+    def make_setup(config: dict[str, Any]) -> StateSetup:
         run = VQGANRun.from_config(config)
-        mesh = sharding.make_mesh("dp", jax.local_devices()[:1])
-        setup = abstract_train_state(
+        return abstract_train_state(
             lambda rngs: VQGANTrainer(run.model, run.loss, rngs=rngs),
             make_optimizer(run),
-            mesh=mesh,
+            mesh=sharding.make_mesh("dp", jax.local_devices()[:1]),
             rules=sharding.VQGAN_RULES,
         )
-        state = ckpt.restore(step, setup.abstract)
-    finally:
-        ckpt.close()
+
+    _, setup, state = restore_trained(workdir, make_setup, step=step)
     trainer = nnx.merge(setup.graphdef, state.ema_params if ema else state.params)
     return trainer.vqgan
