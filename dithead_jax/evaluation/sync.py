@@ -274,16 +274,7 @@ def sync_distances(
 def scores_from_distances(dists: np.ndarray, vshift: int = VSHIFT) -> dict[str, Any]:
     """Step 6: LSE-D, LSE-C and the AV offset from the (W, 2 * vshift + 1) distances."""
     mean = np.asarray(jnp.mean(jnp.asarray(dists, jnp.float32), axis=0))
-    best = int(np.argmin(mean))
-    median = float(np.sort(mean)[(len(mean) - 1) // 2])  # torch.median: lower middle
-    return {
-        "status": "ok",
-        "lse_d": float(mean[best]),
-        "lse_c": median - float(mean[best]),
-        "offset": vshift - best,
-        "num_windows": int(dists.shape[0]),
-        "mean_dists": [float(m) for m in mean],
-    }
+    return scores_from_mean_distances(mean, int(dists.shape[0]), vshift)
 
 
 def unavailable(reason: str) -> dict[str, Any]:
@@ -396,7 +387,8 @@ def expert_mean_distances(lips: np.ndarray, audio: np.ndarray, vshift: int = VSH
 
 
 def scores_from_mean_distances(mean: np.ndarray, num_windows: int, vshift: int) -> dict[str, Any]:
-    """LSE-D, LSE-C, offset from m[k] (offsets without pairs, NaN, left out)."""
+    """LSE-D, LSE-C, offset from m[k], k in [0, 2 vshift] (offsets without pairs, NaN,
+    left out): min_k m[k], median - min (torch.median: the lower middle), vshift - argmin."""
     valid = np.flatnonzero(np.isfinite(mean))
     best = int(valid[np.argmin(mean[valid])])
     ordered = np.sort(mean[valid])
