@@ -60,13 +60,19 @@ class DiTRun:
         return run  # impossible values were refused by the dataclasses (config.py)
 
 
-def _check_batch(batch: Mapping[str, np.ndarray], model: cfg.DiTConfig) -> None:
+def example_shapes(model: cfg.DiTConfig) -> dict[str, tuple[int, ...]]:
+    """The per-example shapes of what the model reads from a stage-2 batch (the loss mask
+    aside): what the records must hold, and what `lower_train_step` lowers for."""
     latent = (model.input_size, model.input_size, model.latent_channels)
-    want = {k: latent for k in ("latent", "masked_latent", "reference_latent")}
-    want["audio"] = (model.audio_window, model.audio_dim)
+    shapes = {k: latent for k in ("latent", "masked_latent", "reference_latent")}
+    shapes["audio"] = (model.audio_window, model.audio_dim)
     if model.landmark_tokens:
-        want["landmarks"] = (len(cfg.CONDITION_LANDMARKS), 2)
-    for key, shape in want.items():
+        shapes["landmarks"] = (len(cfg.CONDITION_LANDMARKS), 2)
+    return shapes
+
+
+def _check_batch(batch: Mapping[str, np.ndarray], model: cfg.DiTConfig) -> None:
+    for key, shape in example_shapes(model).items():
         if key not in batch:
             raise ValueError(f"stage-2 batches need {key!r}; got {sorted(batch)}")
         if tuple(batch[key].shape[1:]) != shape:
@@ -218,13 +224,8 @@ def lower_train_step(
     )
     batch_sharding = sharding.batch_sharding(rules, mesh)
     n = train.global_batch_size
-    shapes = {k: (n, model.input_size, model.input_size, model.latent_channels)
-              for k in ("latent", "masked_latent", "reference_latent")}  # fmt: skip
-    shapes["audio"] = (n, model.audio_window, model.audio_dim)
-    if model.landmark_tokens:
-        shapes["landmarks"] = (n, len(cfg.CONDITION_LANDMARKS), 2)
-    batch = {k: jax.ShapeDtypeStruct(v, np.float32, sharding=batch_sharding)
-             for k, v in shapes.items()}  # fmt: skip
+    batch = {k: jax.ShapeDtypeStruct((n, *v), np.float32, sharding=batch_sharding)
+             for k, v in example_shapes(model).items()}  # fmt: skip
     step_fn = dit_step.make_train_step(setup, diffusion or cfg.DiffusionConfig(), train)
     jitted = dit_step.jit_train_step(step_fn, setup, batch_sharding, compiler_options)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
