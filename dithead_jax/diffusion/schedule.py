@@ -212,7 +212,9 @@ def training_loss(
     half is not implemented, so learn_sigma models get no signal for that half here.
     `weights` (broadcastable to x0, e.g. (B, h, w, 1)) weigh the squared error per element.
 
-    Returns (scalar loss, aux) with aux = {"t": (B,), "loss_per_example": (B,)}.
+    Returns (scalar loss, aux) with aux = {"t": (B,), "loss_per_example": (B,), "x_t":
+    (B, ..., C) the noised input, "prediction": (B, ..., C) the model's eps or v for it}
+    (what a loss on the one-step x0 estimate needs; unused entries cost nothing under jit).
     """
     t_rng, noise_rng = jax.random.split(rng)
     t = sample_timesteps(t_rng, x0.shape[0], schedule.num_timesteps)
@@ -224,4 +226,5 @@ def training_loss(
     if weights is not None:
         squared = squared * weights
     per_example = mean_flat(squared)
-    return jnp.mean(per_example), {"t": t, "loss_per_example": per_example}
+    aux = {"t": t, "loss_per_example": per_example, "x_t": x_t, "prediction": pred}
+    return jnp.mean(per_example), aux

@@ -38,7 +38,6 @@ from dithead_jax.training.state import (
     guard_update,
     learning_rate_schedule,
 )
-from dithead_jax.training.sync_loss import Recorder
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -84,7 +83,8 @@ def dit_loss(
     fold_in(rng, 1), so t and eps (drawn from `rng` itself) are those of a run without
     dropout; at 0 no coin is drawn and the loss is exactly the plain one.
 
-    Returns (scalar loss, aux) as `diffusion.training_loss` does.
+    Returns (scalar loss, aux) as `diffusion.training_loss` does, plus aux["drop_audio"]
+    (B,) bool with audio dropout.
     """
     kwargs = conditions(batch)
     if audio_dropout:  # else the model call is the plain one (stand-ins need no drop_audio)
@@ -99,9 +99,12 @@ def dit_loss(
         if "mask" not in batch:
             raise ValueError("diffusion.mask_weight > 0 needs batches with a 'mask'")
         weights = masks.loss_weights(jnp.asarray(batch["mask"], jnp.float32), mask_weight)
-    return diffusion.training_loss(
+    loss, aux = diffusion.training_loss(
         model_fn, schedule, batch["latent"], rng, prediction, weights=weights
     )
+    if "drop_audio" in kwargs:  # which examples were denoised without their audio
+        aux["drop_audio"] = kwargs["drop_audio"]
+    return loss, aux
 
 
 def make_train_step(
@@ -131,8 +134,6 @@ def make_train_step(
 
         def loss_of(params: nnx.State) -> tuple[Array, dict[str, Array]]:
             model = nnx.merge(graphdef, params)
-            if sync is not None:  # keeps the DiT's output for the one-step x0-hat
-                model = Recorder(model)
             loss, aux = dit_loss(
                 model,
                 batch,
@@ -143,7 +144,7 @@ def make_train_step(
                 diffusion_config.audio_dropout,
             )
             if sync is not None:
-                loss, aux = sync.add_to(loss, aux, model, batch, frozen)
+                loss, aux = sync.add_to(loss, aux, batch, frozen)
             return loss, aux
 
         (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)

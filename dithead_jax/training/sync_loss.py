@@ -22,9 +22,8 @@ EMA and the checkpoints never see them, and `jax.grad` w.r.t. the DiT's params t
 as constants (they are `stop_gradient`ed here as well, so no caller can train them by
 accident). Not closed over: XLA would embed tens of MB of constants into the program.
 
-How x0_hat is obtained without touching `dit_loss`: the DiT is wrapped in a `Recorder`
-that remembers its input and output during the same trace; z_t is the first C channels of
-the input [z_t, z_m, z_r], t its second argument.
+x0_hat comes from what the denoising loss already computed: `dit_loss`'s aux holds z_t, t,
+the model's prediction and (with audio dropout) which examples lost their audio.
 """
 
 from __future__ import annotations
@@ -44,22 +43,6 @@ from dithead_jax.diffusion import schedule as diffusion
 from dithead_jax.models.sync_expert import CENTRE, LIP_FRAMES, sync_distance
 
 
-class Recorder:
-    """Calls the wrapped DiT and keeps (input, t, output) of its last call (one trace)."""
-
-    def __init__(self, model: Any):
-        self.model = model
-        self.calls: list[tuple[Array, Array, Array, dict[str, Any]]] = []
-
-    def __call__(self, x: Array, t: Array, *args: Any, **kwargs: Any) -> Array:
-        out = self.model(x, t, *args, **kwargs)
-        self.calls.append((x, t, out, kwargs))
-        return out
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.model, name)
-
-
 @dataclasses.dataclass(frozen=True)
 class SyncLoss:
     """The static half of the sync loss (graph definitions, config); the frozen weights
@@ -72,15 +55,13 @@ class SyncLoss:
     prediction: diffusion.Prediction
     image_size: int  # the expert's crop size
 
-    def x0_hat(self, recorder: Recorder, c: int) -> tuple[Array, Array, Array | None]:
-        """(x0_hat (B, h, w, c), t (B,), dropped (B,) bool or None) from the recorded DiT
-        call; c latent channels (the input's first c are z_t; a learn-sigma output's first
-        c the prediction); `dropped`: the examples whose audio the DiT did not see
-        (classifier-free guidance's audio dropout: the DiT's `drop_audio`)."""
-        x, t, out, kwargs = recorder.calls[-1]
-        z_t, pred = x[..., :c], out[..., :c]
-        x0, _ = diffusion.to_x0_and_eps(self.prediction, self.schedule, z_t, t, pred)
-        return x0, t, kwargs.get("drop_audio")
+    def x0_hat(self, aux: dict[str, Array]) -> Array:
+        """(B, h, w, c) the one-step estimate of each target from `dit_loss`'s aux (its
+        z_t, t and the model's eps or v prediction)."""
+        x0, _ = diffusion.to_x0_and_eps(
+            self.prediction, self.schedule, aux["x_t"], aux["t"], aux["prediction"]
+        )
+        return x0
 
     def __call__(
         self,
@@ -118,13 +99,14 @@ class SyncLoss:
         return loss, metrics
 
     def add_to(
-        self, loss: Array, aux: dict[str, Any], recorder: Recorder, batch: Any, frozen: Any
+        self, loss: Array, aux: dict[str, Any], batch: Any, frozen: Any
     ) -> tuple[Array, dict[str, Any]]:
-        """The DiT's (loss, aux) with the sync term added; aux gains its metrics."""
-        x0, t, dropped = self.x0_hat(recorder, batch["latent"].shape[-1])
-        if dropped is not None:  # no sync asked of a frame generated without its audio
-            t = jnp.where(dropped, self.cfg.max_timestep, t)
-        extra, metrics = self(frozen, x0, batch["latent"], t, batch["audio"])
+        """The DiT's (loss, aux) (`dit_step.dit_loss`) with the sync term added; aux gains
+        its metrics."""
+        t = aux["t"]
+        if "drop_audio" in aux:  # no sync asked of a frame generated without its audio
+            t = jnp.where(aux["drop_audio"], self.cfg.max_timestep, t)
+        extra, metrics = self(frozen, self.x0_hat(aux), batch["latent"], t, batch["audio"])
         return loss + extra, dict(aux) | metrics
 
 
