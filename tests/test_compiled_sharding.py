@@ -31,7 +31,7 @@ import pytest
 from flax import nnx
 
 from dithead_jax import sharding
-from dithead_jax.config import DiTConfig, TrainConfig
+from dithead_jax.config import DiffusionConfig, DiTConfig, TrainConfig
 from dithead_jax.training import dit_step, dit_train
 from dithead_jax.training.state import abstract_train_state
 
@@ -49,7 +49,9 @@ def _data_shards(mesh: jax.sharding.Mesh) -> tuple[int, int]:
     return mesh.shape["data"] * mesh.shape["fsdp"], mesh.shape["tensor"]
 
 
-def _compile_dit_step(preset: str):
+def _compile_dit_step(preset: str, **options):
+    """options: DiTConfig switches beyond the paper's (with null_audio, the step also
+    drops audio, as training then does)."""
     cfg = DiTConfig(
         input_size=64,
         patch_size=2,
@@ -58,18 +60,29 @@ def _compile_dit_step(preset: str):
         num_heads=HEADS,
         scan_layers=True,
         remat_policy="full",
+        **options,
     )
     mesh = sharding.make_mesh(preset)
     train = TrainConfig(global_batch_size=GLOBAL_BATCH)
+    diffusion = DiffusionConfig(audio_dropout=0.1 if cfg.null_audio else 0.0)
     _, lowered = dit_train.lower_train_step(
-        cfg, train, mesh, compiler_options=dit_step.FAST_COMPILE_CPU
+        cfg, train, mesh, diffusion=diffusion, compiler_options=dit_step.FAST_COMPILE_CPU
     )
     return mesh, lowered.compile()
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_dit_step_computes_only_its_share(preset: str):
-    mesh, compiled = _compile_dit_step(preset)
+# The conditioning options (guidance's null audio, DiffTalk's filter and landmark token)
+# under a batch-splitting preset: an unpinned landmark token cost an all-to-all there.
+OPTIONS = {"null_audio": True, "audio_filter": True, "landmark_tokens": True}
+
+
+@pytest.mark.parametrize(
+    "preset, options",
+    [(p, {}) for p in PRESETS] + [("fsdp", OPTIONS)],
+    ids=[*PRESETS, "fsdp+options"],
+)
+def test_dit_step_computes_only_its_share(preset: str, options: dict):
+    mesh, compiled = _compile_dit_step(preset, **options)
     hlo = compiled.as_text()
     batch_shards, head_shards = _data_shards(mesh)
     # (batch, heads, queries, keys) score / probability buffers, forward and backward.

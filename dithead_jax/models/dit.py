@@ -241,7 +241,9 @@ class LandmarkEmbedder(nnx.Module):
         """landmarks: (B, n, 2) -> (B, 1, width)."""
         # Centred on the crop: coordinates in [-1, 1] like the other inputs' scale.
         flat = (landmarks.reshape(landmarks.shape[0], -1) - 0.5) * 2.0
-        return self.fc2(nnx.silu(self.fc1(flat)))[:, None, :]
+        # Pinned by example like the audio tokens it joins (unpinned, the fsdp presets
+        # reshard it with an all-to-all).
+        return sharding.constrain(self.fc2(nnx.silu(self.fc1(flat)))[:, None, :], TOKENS)
 
 
 class DiTBlock(nnx.Module):
