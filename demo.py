@@ -5,7 +5,7 @@
 Runs the same commands a user runs, each in its own process, and times them:
 
     render         data/synthetic.py        talking faces, known speech and mouth opening
-    preview        dithead_jax.data.preview contact sheet, preview video      } side by side
+    preview        dithead_jax.synthetic.preview contact sheet, preview video      } side by side
     preprocess     data/preprocess.py       crops, lower-face masks, audio     }
     vqgan_frames   train.py (vqgan)         E and D                            } side
     vqgan_masked   train.py (vqgan)         E_m                                } by
@@ -80,7 +80,8 @@ def stages(out: Path, args: argparse.Namespace) -> list[list[tuple[str, Callable
             "data/synthetic.py", "--out", syn, "--identities", args.identities, "--clips",
             args.clips, "--seconds", args.seconds, "--size", 128, "--seed", args.seed,
             "--workers", args.workers])],
-        [("preview", lambda: ["-m", "dithead_jax.data.preview", "--dataset", syn, "--out", out]),
+        [("preview", lambda: ["-m", "dithead_jax.synthetic.preview",
+                              "--dataset", syn, "--out", out]),
          ("preprocess", lambda: [
             "data/preprocess.py", "--input", syn, "--out", stage1, "--landmarks", "sidecar",
             "--size", 64, "--workers", args.workers])],

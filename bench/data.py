@@ -30,7 +30,7 @@ from dithead_jax.data.preprocess import (  # noqa: E402
     preprocess_video,
 )
 from dithead_jax.data.records import DatasetWriter  # noqa: E402
-from dithead_jax.data.synthetic_dataset import generate_dataset  # noqa: E402
+from dithead_jax.synthetic.dataset import generate_dataset  # noqa: E402
 
 DIT_B2_SECONDS_PER_SAMPLE = 15.3 / 2
 

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 def mask_cost(repeats: int = 20) -> float:
     from dithead_jax.config import DataConfig, SyntheticConfig
     from dithead_jax.data.masks import mask_shifts, shifted_masked_frames
-    from dithead_jax.data.synthetic_dataset import render_synthetic_clip
+    from dithead_jax.synthetic.dataset import render_synthetic_clip
 
     rendered, _, _ = render_synthetic_clip(SyntheticConfig(seconds=0.4, size=256), 0, 0)
     frame, landmarks = rendered.frames[0], rendered.landmarks[0]

@@ -18,10 +18,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dithead_jax.config import SyntheticConfig  # noqa: E402
-from dithead_jax.data.speech import random_utterance, synthesize  # noqa: E402
-from dithead_jax.data.synthetic_dataset import make_identity, num_frames  # noqa: E402
-from dithead_jax.data.synthetic_render import render_clip  # noqa: E402
 from dithead_jax.data.video_io import write_video  # noqa: E402
+from dithead_jax.synthetic.dataset import make_identity, num_frames  # noqa: E402
+from dithead_jax.synthetic.render import render_clip  # noqa: E402
+from dithead_jax.synthetic.speech import random_utterance, synthesize  # noqa: E402
 
 
 def main() -> None:

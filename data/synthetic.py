@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         fail(prog, f"--workers must be >= 1 (got {args.workers})")
     out = check_writable_dir(prog, args.out)
 
-    from dithead_jax.data.synthetic_dataset import generate_dataset
+    from dithead_jax.synthetic.dataset import generate_dataset
 
     cfg = SyntheticConfig(
         identities=args.identities,

@@ -18,7 +18,6 @@ import pytest
 
 from dithead_jax import config as cfg
 from dithead_jax.data import hdtf, records
-from dithead_jax.data.synthetic_dataset import generate_dataset
 from dithead_jax.data.video_io import (
     count_frames_at_fps,
     frame_schedule,
@@ -26,6 +25,7 @@ from dithead_jax.data.video_io import (
     read_video,
     write_video,
 )
+from dithead_jax.synthetic.dataset import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))

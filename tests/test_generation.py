@@ -5,8 +5,8 @@ import numpy as np
 from dithead_jax.config import DataConfig, SyntheticConfig
 from dithead_jax.data.faces import crop_face, face_boxes, landmarks_to_crop
 from dithead_jax.data.masks import lower_face_mask
-from dithead_jax.data.synthetic_dataset import render_synthetic_clip
 from dithead_jax.generation import frames_for_audio, paste_back, pingpong_indices
+from dithead_jax.synthetic.dataset import render_synthetic_clip
 
 
 def test_pingpong_loops_without_jumps():

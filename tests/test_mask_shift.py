@@ -28,8 +28,8 @@ from dithead_jax.data.latents import (
     masked_statistics,
 )
 from dithead_jax.data.masks import apply_mask, lower_face_mask, shifted_masked_frames
-from dithead_jax.data.synthetic_dataset import render_synthetic_clip
 from dithead_jax.models.dit import DiT
+from dithead_jax.synthetic.dataset import render_synthetic_clip
 from dithead_jax.training import dit_step, dit_train
 
 SIZE = 64  # -> 16x16x3 latents: configs/dit.py:testing's input size

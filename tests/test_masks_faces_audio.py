@@ -14,7 +14,7 @@ from dithead_jax.data.faces import (
     landmarks_to_crop,
 )
 from dithead_jax.data.masks import apply_mask, blur_params, gaussian_kernel_1d, lower_face_mask
-from dithead_jax.data.synthetic_dataset import render_synthetic_clip
+from dithead_jax.synthetic.dataset import render_synthetic_clip
 
 CFG = DataConfig()
 

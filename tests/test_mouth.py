@@ -5,8 +5,8 @@ import pytest
 
 from dithead_jax.config import SyntheticConfig
 from dithead_jax.data.faces import crop_face, face_boxes, landmarks_to_crop
-from dithead_jax.data.synthetic_dataset import render_synthetic_clip
 from dithead_jax.evaluation.mouth import MouthExpert, sync_correlation
+from dithead_jax.synthetic.dataset import render_synthetic_clip
 
 CFG = SyntheticConfig(identities=5, clips=1, seconds=2.4, size=192, seed=9)
 

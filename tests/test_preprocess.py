@@ -13,8 +13,8 @@ import tensorflow_datasets as tfds
 from dithead_jax.config import DataConfig, SyntheticConfig
 from dithead_jax.data import audio_features as af
 from dithead_jax.data.faces import crop_to_source
-from dithead_jax.data.synthetic_dataset import generate_dataset
 from dithead_jax.data.video_io import read_audio, write_video
+from dithead_jax.synthetic.dataset import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SYN = SyntheticConfig(identities=3, clips=1, seconds=1.6, size=128, seed=2, test_fraction=0.3)

@@ -11,10 +11,10 @@ from scipy import ndimage, signal
 from skimage.draw import polygon2mask
 
 from dithead_jax.config import SyntheticConfig
-from dithead_jax.data.speech import PHONEMES, Viseme
-from dithead_jax.data.synthetic_dataset import generate_dataset, render_synthetic_clip
-from dithead_jax.data.synthetic_render import Palette
 from dithead_jax.data.video_io import read_video
+from dithead_jax.synthetic.dataset import generate_dataset, render_synthetic_clip
+from dithead_jax.synthetic.render import Palette
+from dithead_jax.synthetic.speech import PHONEMES, Viseme
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = SyntheticConfig(identities=3, clips=1, seconds=3.2, size=192, seed=7, test_fraction=0.34)

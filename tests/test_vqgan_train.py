@@ -15,8 +15,8 @@ from stage2_data import write_stage1_clip
 from configs import vqgan as vqgan_configs
 from dithead_jax.config import DataConfig, SyntheticConfig
 from dithead_jax.data.masks import lower_face_mask
-from dithead_jax.data.synthetic_dataset import render_synthetic_clip
 from dithead_jax.models.vqgan import VQGAN
+from dithead_jax.synthetic.dataset import render_synthetic_clip
 from dithead_jax.training import loop, vqgan_train
 from dithead_jax.training.dit_step import FAST_COMPILE_CPU
 

@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from dithead_jax.config import SyntheticConfig, TrainConfig, VQGANConfig, VQGANLossConfig
-from dithead_jax.data.synthetic_dataset import render_synthetic_clip
 from dithead_jax.models.vqgan import VQGAN, refresh_codebook
+from dithead_jax.synthetic.dataset import render_synthetic_clip
 from dithead_jax.training import vqgan_losses as losses
 
 LOSS_CFG = VQGANLossConfig(disc_start=3, disc_channels=16, base_learning_rate=2e-4)

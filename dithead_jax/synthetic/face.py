@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-from dithead_jax.data.speech import Segment, Viseme, Voice
+from dithead_jax.synthetic.speech import Segment, Viseme, Voice
 
 SUPERSAMPLE = 2
 
@@ -132,7 +132,7 @@ def articulation_track(
     cannot jump), exactly the timeline the speech was synthesised from.
     Returns (num_frames, 6) articulation (ARTICULATION_KEYS) and (num_frames,) int visemes.
     """
-    from dithead_jax.data.speech import PHONEMES
+    from dithead_jax.synthetic.speech import PHONEMES
 
     frame_ms = 1000.0 / fps
     step = sample_rate // 1000  # work at 1 ms resolution

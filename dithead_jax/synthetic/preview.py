@@ -1,6 +1,6 @@
 """Preview of a synthetic dataset: a contact sheet and an annotated video with its audio.
 
-    python -m dithead_jax.data.preview --dataset DIR --out demo/
+    python -m dithead_jax.synthetic.preview --dataset DIR --out demo/
 
 contact_sheet.png: one row per identity (held-out ones marked), frames spread over its
 first clip, with the viseme sounding at each frame. preview.mp4: the first clip of each
@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dithead_jax.cli import check_writable_dir, fail
-from dithead_jax.data.speech import Viseme
 from dithead_jax.data.video_io import MediaError, atomic_path, read_video, write_video
+from dithead_jax.synthetic.speech import Viseme
 
 LANDMARK_COLOURS = {
     range(0, 17): (255, 255, 0),

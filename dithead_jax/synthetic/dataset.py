@@ -21,10 +21,10 @@ import numpy as np
 from tqdm import tqdm
 
 from dithead_jax.config import SyntheticConfig
-from dithead_jax.data.speech import PHONEMES, Segment, random_utterance, synthesize
-from dithead_jax.data.synthetic_face import Identity
-from dithead_jax.data.synthetic_render import DEFAULT_PALETTE, Palette, RenderedClip, render_clip
 from dithead_jax.data.video_io import atomic_path, write_video
+from dithead_jax.synthetic.face import Identity
+from dithead_jax.synthetic.render import DEFAULT_PALETTE, Palette, RenderedClip, render_clip
+from dithead_jax.synthetic.speech import PHONEMES, Segment, random_utterance, synthesize
 
 
 def identity_name(index: int) -> str:

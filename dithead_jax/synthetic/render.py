@@ -1,4 +1,4 @@
-"""Draws synthetic talking-face clips: geometry from `synthetic_face`, pixels from PIL.
+"""Draws synthetic talking-face clips: geometry from `synthetic.face`, pixels from PIL.
 
 Drawing happens at SUPERSAMPLE x the output size and is box-filtered down (anti-aliasing).
 Colours of the mouth interior, teeth and eye whites are distinct from skin and lips so
@@ -12,8 +12,7 @@ import dataclasses
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from dithead_jax.data.speech import Segment
-from dithead_jax.data.synthetic_face import (
+from dithead_jax.synthetic.face import (
     SUPERSAMPLE,
     FaceGeometry,
     Identity,
@@ -23,6 +22,7 @@ from dithead_jax.data.synthetic_face import (
     head_motion,
     posed,
 )
+from dithead_jax.synthetic.speech import Segment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +47,7 @@ class RenderedClip:
     landmarks: np.ndarray
     mouth_open: np.ndarray  # (T,) float32, inner-lip gap / face width
     viseme: np.ndarray  # (T,) int32, speech.Viseme
-    articulation: np.ndarray  # (T, 6) float32, synthetic_face.ARTICULATION_KEYS
+    articulation: np.ndarray  # (T, 6) float32, face.ARTICULATION_KEYS
     pose: np.ndarray  # (T, 5) float32: tx, ty, roll, scale, yaw
     eye_open: np.ndarray  # (T,) float32
 

@@ -1,0 +1,1 @@
+"""The synthetic talking-face dataset: formant speech, parametric faces, rendering, preview."""
