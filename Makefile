@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat requirements*.txt Makefile | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat requirements*.txt Makefile pyproject.toml | cksum | cut -d' ' -f1)
 DEMO ?= demo
 JOBS ?= 2
 # Debian's 68-point dlib predictor (offline landmarks); sudo only when not root.
@@ -14,7 +14,7 @@ APT_INSTALL := $(if $(filter 0,$(shell id -u)),,sudo) sh -c 'apt-get update -qq 
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt

@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dithead_jax.config import VQGANConfig, VQGANLossConfig  # noqa: E402
 from dithead_jax.convert.lpips_weights import load_lpips  # noqa: E402
+from dithead_jax.models.layers import count_params  # noqa: E402
 from dithead_jax.models.lpips import LPIPS  # noqa: E402
-from dithead_jax.models.vqgan import VQGAN, count_params  # noqa: E402
+from dithead_jax.models.vqgan import VQGAN  # noqa: E402
 from dithead_jax.training import vqgan_losses as losses  # noqa: E402
 
 

@@ -332,6 +332,9 @@ class TrainConfig:
     peak_tflops: float = 0.0
     # "auto": a tqdm bar when stderr is a terminal; "bar"; "none".
     progress: str = "auto"
+    # Stage 2 only: a facebookresearch/DiT checkpoint (.pt) whose weights start a fresh run
+    # (convert/dit_weights.py); "" = random init. A resumed run keeps its checkpoint's.
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         _positive(self, "global_batch_size", "log_every", "checkpoint_every", "keep_checkpoints")

@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,64 @@ def test_tuple_fields_can_be_overridden_on_the_command_line(tmp_path):
     )
     values = load("vqgan").get_config("demo")
     assert isinstance(values.model.ch_mult, tuple) and isinstance(values.data.mask_hull, tuple)
+
+
+def test_config_flag_finds_the_shipped_file_by_name(tmp_path, monkeypatch):
+    from dithead_jax.configs import CONFIG_DIR, with_shipped_configs
+
+    monkeypatch.chdir(tmp_path)  # no configs/ here: an installed entry point's situation
+    shipped = f"{CONFIG_DIR / 'dit.py'}:testing"
+    assert with_shipped_configs(["--config", "dit.py:testing", "--workdir=w"]) == [
+        "--config", shipped, "--workdir=w"
+    ]  # fmt: skip
+    assert with_shipped_configs(["--config=configs/dit.py:testing"]) == [f"--config={shipped}"]
+    own = tmp_path / "dit.py"
+    own.write_text("")  # a file of the user's own wins over the shipped one
+    unchanged = ["--config=dit.py:testing", "--config", "other/vqgan.py", "--config.x=dit.py"]
+    assert with_shipped_configs(unchanged) == unchanged
+    assert with_shipped_configs(["--config", "nope.py:x"]) == ["--config", "nope.py:x"]
+
+
+def test_wheel_ships_configs_and_entry_points(tmp_path):
+    """The package built as a wheel (no network: this venv's setuptools), installed into a
+    folder of its own: it holds the configs and the console scripts, and `dithead-train`
+    run from an empty folder reads `--config dit.py:testing` from the installed package."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    root, src = CONFIGS.parent, tmp_path / "src"
+    shutil.copytree(root / "dithead_jax", src / "dithead_jax",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    pip = [sys.executable, "-m", "pip", "--quiet", "--disable-pip-version-check"]
+    build = [*pip, "wheel", "--no-deps", "--no-build-isolation", str(src), "-w", tmp_path]
+    subprocess.run(build, check=True, cwd=src, timeout=300)
+    (wheel,) = tmp_path.glob("dithead_jax-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {f"dithead_jax/configs/{n}.py" for n in ("dit", "vqgan", "sync_expert")} <= set(names)
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    scripts = zipfile.ZipFile(wheel).read(entry_points).decode()
+    for name in ("train", "preprocess", "synthetic", "sample", "export"):
+        assert f"dithead-{name} = " in scripts
+
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", site, wheel], check=True, timeout=300)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run(
+        [site / "bin/dithead-train", "--config", "dit.py:testing", "--workdir=run",
+         "--config.train.num_steps=0"],
+        cwd=elsewhere, env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Nothing to do: num_steps is 0" in result.stderr
+    assert not (elsewhere / "run").exists()
+    probe = "import dithead_jax.configs as c; print(c.CONFIG_DIR)"
+    where = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, check=True,
+                           env={**os.environ, "PYTHONPATH": str(site)},
+                           capture_output=True, text=True).stdout.strip()  # fmt: skip
+    assert where == str(site / "dithead_jax/configs")

@@ -18,7 +18,8 @@ from flax import nnx
 
 from dithead_jax.config import DiTConfig
 from dithead_jax.models import layers
-from dithead_jax.models.dit import DiT, count_params, stack_blocks, unstack_blocks
+from dithead_jax.models.dit import DiT, stack_blocks, unstack_blocks
+from dithead_jax.models.layers import count_params
 
 B = 2
 VOCABULARY = {"embed", "mlp", "heads", "kv", "conv_in", "patch", "audio", "norm", "layers", None}

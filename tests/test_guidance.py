@@ -21,7 +21,8 @@ from flax import nnx
 from dithead_jax.config import ConfigError, DiffusionConfig, DiTConfig
 from dithead_jax.diffusion import ddim
 from dithead_jax.diffusion import schedule as sch
-from dithead_jax.models.dit import DiT, count_params
+from dithead_jax.models.dit import DiT
+from dithead_jax.models.layers import count_params
 from dithead_jax.training import dit_step
 
 SCHEDULE = sch.make_schedule(DiffusionConfig())

@@ -176,3 +176,43 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     result = run("--input", str(tmp_path), "--out", str(tmp_path / "o"), "--audio-features", "mfcc")
     assert result.returncode == 2 and "--audio-features must be" in result.stderr
     assert DataConfig().audio_features == 363
+
+
+def test_each_video_keeps_its_speech_and_source_path(videos, dataset):
+    """data/sources.py: the stored speech is the video's own sound resampled to 16 kHz (as
+    int16, exactly), its path leads back to the video, the metadata says so, and the frames
+    read back from it crop to the records (up to JPEG)."""
+    from dithead_jax.data.faces import crop_face
+    from dithead_jax.data.preprocess import safe_id
+    from dithead_jax.data.records import dataset_metadata, load_video_index
+    from dithead_jax.data.sources import (
+        SPEECH_LAYOUT,
+        frames_at,
+        load_source,
+        speech_under,
+        to_pcm16,
+    )
+
+    layout = dataset_metadata(dataset)["provenance"]["speech"]
+    assert layout == SPEECH_LAYOUT
+    index = load_video_index(dataset, "test")
+    source_id, first = safe_id(str(index["source"][0])), int(index["start"][0])
+    source = load_source(dataset / "dataset", source_id, layout)  # either folder works
+    mp4 = videos / (str(index["source"][0]) + ".mp4")
+    assert source.video is not None and source.video.samefile(mp4)
+    audio, rate = read_audio(mp4, 16_000)
+    assert rate == 16_000 and source.speech.dtype == np.int16
+    assert len(source.speech) == 40 * 640
+    np.testing.assert_array_equal(source.speech, to_pcm16(audio[: 40 * 640]))
+    # A clip's speech: from its first frame on; int16 -> float and back is exact.
+    part = speech_under(source.speech, 10, 5)
+    np.testing.assert_array_equal(to_pcm16(part), source.speech[10 * 640 : 15 * 640])
+    # The source frames, cropped with the records' boxes, are the records' crops.
+    test = records(dataset, "test")[first : first + 3]
+    frames = list(frames_at(source.video, [int(r["frame_index"]) for r in test]))
+    for frame, r in zip(frames, test, strict=True):
+        crop = crop_face(frame, r["crop_box"], 96).astype(int)
+        assert np.abs(crop - r["frame"]).mean() < 2  # JPEG q95
+    # A dataset made before stage 1 kept speech: nothing found, and why.
+    old = load_source(dataset, source_id, None)
+    assert old.speech is None and "keeps no speech" in old.speech_missing

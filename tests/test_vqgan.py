@@ -17,7 +17,8 @@ from dithead_jax import sharding
 from dithead_jax.config import VQGANConfig
 from dithead_jax.convert import compvis_vqgan
 from dithead_jax.models import vqgan as vq
-from dithead_jax.models.vqgan import VQGAN, count_params
+from dithead_jax.models.layers import count_params
+from dithead_jax.models.vqgan import VQGAN
 
 nn, F = torch.nn, torch.nn.functional
 

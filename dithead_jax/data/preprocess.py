@@ -34,6 +34,7 @@ from dithead_jax.data.faces import (
     sidecar_landmarks,
 )
 from dithead_jax.data.masks import apply_mask, lower_face_mask
+from dithead_jax.data.sources import remove_source, write_source
 from dithead_jax.data.video_io import MediaError, iter_frames_at_fps, probe_video, read_audio
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm")
@@ -136,11 +137,14 @@ def process_video(
     chunk_frames: int = 256,
     *,
     with_audio: bool = True,
+    on_speech: Callable[[np.ndarray], None] | None = None,
 ) -> Iterator[tuple[Segment, dict[str, np.ndarray]]]:
     """Yields (segment, records) chunks of at most `chunk_frames` frames, in frame order.
 
     with_audio=False (dubbing: the speech comes from another file) neither needs nor reads
     the video's own sound; `audio` is then zeros and `featurizer` may be None.
+    on_speech: called once, before the first chunk, with the video's sound under its frames
+    ((frames x 640,) float32 at 16 kHz, before peak normalisation), for `data/sources.py`.
 
     records: frame/masked_frame (n, S, S, 3) uint8, mask (n, S, S) uint8, landmarks
     (n, 68, 2) f32 (crop pixels), crop_box (n, 4) f32, source_size (n, 2) i32, audio
@@ -168,6 +172,7 @@ def process_video(
             )
         samples = num_frames * cfg.data.sample_rate // cfg.data.fps
         audio = np.pad(audio, (0, max(0, samples - len(audio))))[:samples]
+        speech = audio
         audio = af.peak_normalize(audio)
 
     valid = np.all(np.isfinite(landmarks), axis=(1, 2))
@@ -184,6 +189,8 @@ def process_video(
         windows = np.zeros((num_frames, window, cfg.data.audio_dim), np.float32)
     else:
         windows = af.audio_windows(featurizer(audio, num_frames), window)
+        if on_speech is not None:
+            on_speech(speech)
     boxes = face_boxes(landmarks, cfg.margin)
     yield from _crop_segments(
         path, cfg, segments, landmarks, boxes, windows, (info.height, info.width), chunk_frames
@@ -295,8 +302,14 @@ def preprocess_video(
         return VideoResult(str(path), video_id, "exists")
     split = split_of(identity)
     written = 0
+    # The speech and the video's path (data/sources.py) land before any shard is finished.
+    source_id = record_id(video_id, 0)
+
+    def keep_speech(speech: np.ndarray) -> None:
+        write_source(writer.out_dir, source_id, speech, path)
+
     try:
-        chunks = process_video(path, cfg, featurizer, landmarker)
+        chunks = process_video(path, cfg, featurizer, landmarker, on_speech=keep_speech)
         for index, (segment, group) in enumerate(itertools.groupby(chunks, key=lambda c: c[0])):
             shard_id = record_id(video_id, index)
             length = segment.stop - segment.start
@@ -307,7 +320,9 @@ def preprocess_video(
                     shard.write(chunk)
             written += length
     except SkipVideo as e:
+        remove_source(writer.out_dir, source_id)
         return VideoResult(str(path), video_id, "skipped", reason=str(e))
     except ValueError as e:  # the writer refused it: one video lost, never the whole batch
+        remove_source(writer.out_dir, source_id)
         return VideoResult(str(path), video_id, "skipped", reason=f"cannot write records: {e}")
     return VideoResult(str(path), video_id, "written", frames=written)

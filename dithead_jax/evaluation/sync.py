@@ -29,8 +29,8 @@ detection box, centred 0.2 box sides below the box centre (chin and some neck in
 partly out), padding with grey 110, then writes a 224 x 224 XVID video. We already have
 the generated face crops, so `lse_scores` takes them directly: our 256 x 256 RGB crops
 (square, side 1.7 x the landmark extent, centred 8% of the side above the landmark centre:
-more forehead, less neck than SyncNet's crop), converted RGB -> BGR and resized to
-224 x 224 with cv2's bilinear rule (half-pixel centres, no antialiasing, rounded to uint8).
+more forehead, less neck than SyncNet's crop), resized to 224 x 224 by `cv2.resize`
+(bilinear, uint8) and converted RGB -> BGR; the MFCCs are `python_speech_features.mfcc`'s.
 No JPEG / MPEG-4 round trip and no detection or tracking, so scores are not bit-comparable
 with numbers from re-encoded videos; they are comparable between methods scored this way.
 To score other methods' videos (the paper's Table 1 rows) the same way, crop their frames
@@ -46,19 +46,20 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 from pathlib import Path
 from typing import Any
 
+import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.fft
+import python_speech_features
 from flax import nnx
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, UInt8
 
 from dithead_jax.convert.syncnet_weights import load_syncnet
+from dithead_jax.data.sources import to_pcm16
 from dithead_jax.models.syncnet import LIP_FRAMES, LIP_SIZE, MFCC_STEPS, SyncNet
 
 SAMPLE_RATE = 16000
@@ -71,123 +72,29 @@ PAIRWISE_EPS = 1e-6  # torch.nn.functional.pairwise_distance's default eps
 
 
 # ---------------------------------------------------------------------------------------
-# MFCC, matching python_speech_features 0.6 `mfcc(signal, samplerate)` defaults
+# Audio: int16 samples -> python_speech_features MFCCs; frames: cv2.resize to 224, BGR
 # ---------------------------------------------------------------------------------------
 
 
-def hz_to_mel(hz: np.ndarray | float) -> np.ndarray:
-    return 2595.0 * np.log10(1.0 + np.asarray(hz, np.float64) / 700.0)
-
-
-def mel_to_hz(mel: np.ndarray | float) -> np.ndarray:
-    return 700.0 * (10.0 ** (np.asarray(mel, np.float64) / 2595.0) - 1.0)
-
-
-def mel_filterbank(nfilt: int, nfft: int, sample_rate: int) -> np.ndarray:
-    """(nfilt, nfft // 2 + 1) triangles on FFT bins floor((nfft + 1) * f / sr): the bins are
-    rounded down first, so the triangles' edges sit on integer bins (unlike librosa's)."""
-    mel_points = np.linspace(hz_to_mel(0.0), hz_to_mel(sample_rate / 2), nfilt + 2)
-    bins = np.floor((nfft + 1) * mel_to_hz(mel_points) / sample_rate)
-    k = np.arange(nfft // 2 + 1, dtype=np.float64)[None, :]
-    lo, mid, hi = bins[:-2, None], bins[1:-1, None], bins[2:, None]
-    # Rising edge on [lo, mid), falling edge on [mid, hi); zero-width edges give nothing.
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rise = np.where((k >= lo) & (k < mid), (k - lo) / (mid - lo), 0.0)
-        fall = np.where((k >= mid) & (k < hi), (hi - k) / (hi - mid), 0.0)
-    return rise + fall
-
-
-def mfcc(
-    signal: np.ndarray,
-    sample_rate: int = SAMPLE_RATE,
-    *,
-    winlen: float = 0.025,
-    winstep: float = 0.01,
-    numcep: int = 13,
-    nfilt: int = 26,
-    nfft: int = 512,
-    preemph: float = 0.97,
-    ceplifter: int = 22,
-) -> np.ndarray:
-    """MFCCs (num_steps, numcep) float64, as `python_speech_features.mfcc` with appendEnergy.
-
-    signal: (N,) samples at their own scale (syncnet_python passes int16 values).
-    num_steps = 1 + ceil((N - frame_len) / frame_step), the last frame zero-padded.
-    """
-    x = np.asarray(signal, np.float64).reshape(-1)
-    x = np.concatenate([x[:1], x[1:] - preemph * x[:-1]])
-    # round_half_up, as python_speech_features does (400 and 160 samples at 16 kHz).
-    frame_len = int(math.floor(winlen * sample_rate + 0.5))
-    frame_step = int(math.floor(winstep * sample_rate + 0.5))
-    steps = 1 if len(x) <= frame_len else 1 + math.ceil((len(x) - frame_len) / frame_step)
-    padded = np.zeros((steps - 1) * frame_step + frame_len)
-    padded[: len(x)] = x
-    index = np.arange(frame_len)[None, :] + frame_step * np.arange(steps)[:, None]
-    power = np.abs(np.fft.rfft(padded[index], nfft)) ** 2 / nfft  # (steps, nfft // 2 + 1)
-    eps = np.finfo(np.float64).eps
-    energy = power.sum(axis=1)
-    energy = np.where(energy == 0, eps, energy)
-    bands = power @ mel_filterbank(nfilt, nfft, sample_rate).T
-    bands = np.where(bands == 0, eps, bands)
-    cepstra = scipy.fft.dct(np.log(bands), type=2, axis=1, norm="ortho")[:, :numcep]
-    if ceplifter > 0:
-        cepstra = cepstra * (1 + ceplifter / 2 * np.sin(np.pi * np.arange(numcep) / ceplifter))
-    cepstra[:, 0] = np.log(energy)
-    return cepstra
+def mfcc(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """(steps, 13) float64 MFCCs of (N,) samples at their own scale (int16 values, as
+    syncnet_python passes them): `python_speech_features.mfcc` with its defaults, the call
+    syncnet_python makes; steps = 1 + ceil((N - 400) / 160), the last frame zero-padded."""
+    return python_speech_features.mfcc(np.asarray(samples).reshape(-1), sample_rate)
 
 
 def audio_to_int16(audio: np.ndarray) -> np.ndarray:
-    """int16 samples as ffmpeg's pcm_s16le would write them: float x -> rint(32768 x),
-    clipped; int16 input passes through. Our loaders return float32 in [-1, 1]."""
-    audio = np.asarray(audio).reshape(-1)
-    if audio.dtype == np.int16:
-        return audio
-    if not np.issubdtype(audio.dtype, np.floating):
-        raise TypeError(f"audio must be float in [-1, 1] or int16, got {audio.dtype}")
-    return np.clip(np.rint(audio.astype(np.float64) * 32768.0), -32768, 32767).astype(np.int16)
+    """int16 samples as ffmpeg's pcm_s16le would write them (our loaders return float32 in
+    [-1, 1]); the same rule stage 1 stores its speech with (data/sources.py)."""
+    return to_pcm16(audio)
 
 
-# ---------------------------------------------------------------------------------------
-# Frames: cv2.resize(INTER_LINEAR) to 224, RGB -> BGR
-# ---------------------------------------------------------------------------------------
-
-
-def cv2_linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, ...]:
-    """cv2 INTER_LINEAR along one axis: for each output pixel the two source pixels and
-    their weights in units of 1/2048 (cv2's 8-bit fixed point). Half-pixel centres, no
-    antialiasing, positions computed in float32 and clamped at the edges as cv2 does."""
-    position = ((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5).astype(np.float32)
-    left = np.floor(position).astype(np.int64)
-    frac = (position - left.astype(np.float32)).astype(np.float32)
-    frac[left < 0] = 0.0
-    left = np.maximum(left, 0)
-    frac[left >= in_size - 1] = 0.0
-    left = np.minimum(left, in_size - 1)
-    right = np.minimum(left + 1, in_size - 1)
-    w_right = np.rint(frac * np.float32(2048)).astype(np.int32)
-    w_left = np.rint((np.float32(1) - frac) * np.float32(2048)).astype(np.int32)
-    return left, right, w_left, w_right
-
-
-def resize_to_syncnet(
-    frames: Float[Array, "t h w 3"], size: int = LIP_SIZE
-) -> Float[Array, "t size size 3"]:
-    """uint8 frames -> (t, size, size, 3) f32 holding exactly what `cv2.resize(frame,
-    (size, size))` returns (checked bit-exact against OpenCV 5 for downscaling; upscaling
-    may differ by 1 level in the top row). cv2's integer path: a horizontal pass with
-    11-bit weights, then the vertical pass of its SIMD kernel, ((a >> 4) * b) >> 16 per
-    tap, summed, + 2, >> 2."""
-    t, h, w, c = frames.shape
-    x = jnp.asarray(frames).astype(jnp.int32)
-    if (h, w) == (size, size):
-        return x.astype(jnp.float32)
-    left, right, w_left, w_right = cv2_linear_taps(w, size)
-    rows = x[:, :, left] * w_left[:, None] + x[:, :, right] * w_right[:, None]  # (t, h, s, c)
-    top, bottom, w_top, w_bottom = cv2_linear_taps(h, size)
-    out = (((rows[:, top] >> 4) * w_top[:, None, None]) >> 16) + (
-        ((rows[:, bottom] >> 4) * w_bottom[:, None, None]) >> 16
-    )
-    return jnp.clip((out + 2) >> 2, 0, 255).astype(jnp.float32)
+def syncnet_frames(frames: np.ndarray, size: int = LIP_SIZE) -> np.ndarray:
+    """(T, H, W, 3) RGB uint8 -> (T, size, size, 3) BGR uint8: `cv2.resize(frame, (size,
+    size))` (INTER_LINEAR) of each frame, then the channel flip (the network saw cv2's
+    BGR images)."""
+    resized = np.stack([cv2.resize(frame, (size, size)) for frame in frames])
+    return np.ascontiguousarray(resized[..., ::-1])
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,11 +118,11 @@ def mfcc_windows(mfcc_steps: np.ndarray, starts: np.ndarray) -> np.ndarray:
 def _embed_batch(
     graphdef: nnx.GraphDef,
     state: nnx.State,
-    frames: Float[Array, "b+4 h w 3"],
+    frames: UInt8[Array, "b+4 224 224 3"],
     audio: Float[Array, "b 13 20"],
 ) -> tuple[Float[Array, "b e"], Float[Array, "b e"]]:
     model = nnx.merge(graphdef, state)
-    x = resize_to_syncnet(frames)[..., ::-1]  # RGB -> BGR: the network saw cv2 images
+    x = frames.astype(jnp.float32)  # raw 0..255 BGR, as syncnet_python feeds them
     b = audio.shape[0]
     windows = jnp.stack([x[t : t + b] for t in range(LIP_FRAMES)], axis=1)  # (b, 5, ...)
     return model.embed_lips(windows), model.embed_audio(audio)
@@ -228,7 +135,7 @@ def syncnet_embeddings(
 
     frames: (T, H, W, 3) RGB uint8 face crops at 25 fps; audio: (N,) 16 kHz float in
     [-1, 1] or int16. Batches have a fixed size (the last one edge-padded) so the network
-    compiles once per frame size.
+    compiles once.
     """
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
@@ -241,6 +148,7 @@ def syncnet_embeddings(
             f"(needs at least {LIP_FRAMES + 1} frames and audio for them)"
         )
     steps = mfcc(samples, SAMPLE_RATE)
+    frames = syncnet_frames(frames[: count + LIP_FRAMES - 1])  # the frames windows read
     graphdef, state = nnx.split(model)
     lips, auds = [], []
     last_frame = count - 1 + LIP_FRAMES - 1  # the last frame of the last window

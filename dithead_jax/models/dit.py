@@ -57,7 +57,6 @@ Parameter layouts differ from facebookresearch/DiT (a converter must reshape):
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -424,12 +423,6 @@ def unpatchify(patches: Array, patch_size: int, grid: int, channels: int) -> Arr
     x = patches.reshape(b, grid, grid, p, p, channels)
     x = x.transpose(0, 1, 3, 2, 4, 5)  # (B, grid_h, p_row, grid_w, p_col, C)
     return x.reshape(b, grid * p, grid * p, channels)
-
-
-def count_params(module: nnx.Module) -> int:
-    """Number of trainable parameters (`nnx.Param`); works on `nnx.eval_shape` models too."""
-    leaves = jax.tree.leaves(nnx.state(module, nnx.Param))
-    return sum(math.prod(leaf.shape) for leaf in leaves)
 
 
 def stack_blocks(params: dict) -> dict:

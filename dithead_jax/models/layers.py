@@ -27,6 +27,15 @@ LogicalNames = tuple[str | None, ...]
 # q / k / v activations (B, L, heads, kv); see sharding.py for the activation names.
 HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
 
+
+def count_params(tree: nnx.Module | object) -> int:
+    """Number of parameters: a module's `nnx.Param`s, or every array of a parameter tree
+    (a TrainState's `params`); works on `nnx.eval_shape` results too (shapes only)."""
+    if isinstance(tree, nnx.Module):
+        tree = nnx.state(tree, nnx.Param)
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
 # DiT's initialisations (facebookresearch/DiT `initialize_weights`), in JAX terms.
 xavier_uniform = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()

@@ -486,7 +486,3 @@ class VQGAN(nnx.Module):
         z = self.encode(x)
         h, report = self.decode_features(z)
         return constrain(self.decoder.conv_out(h)).astype(jnp.float32), report, z
-
-
-def count_params(model: nnx.Module) -> int:
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -19,12 +19,12 @@ from flax import nnx
 from dithead_jax import config as cfg
 from dithead_jax import sharding
 from dithead_jax.models.dit import DiT
+from dithead_jax.models.layers import count_params
 from dithead_jax.training import dit_step, loop
 from dithead_jax.training import metrics as metrics_lib
 from dithead_jax.training.state import (
     StateSetup,
     abstract_train_state,
-    count_params,
     create_train_state,
     make_optimizer,
 )
@@ -109,6 +109,34 @@ def dit_batches(
     return iter(dataset)
 
 
+def warm_start_weights(run: DiTRun, workdir: str | os.PathLike | None) -> Any:
+    """The `convert.dit_weights.DiTImport` of `run.train.init_from` for a fresh run; None
+    without init_from, or when `workdir` holds a checkpoint (the run resumes from that).
+    Without a workdir the import is made, and a resume would replace it."""
+    path = run.train.init_from
+    if not path:
+        return None
+    if workdir is not None:
+        from dithead_jax.training.checkpoint import Checkpointer, as_path
+
+        directory = as_path(workdir) / "checkpoints"
+        if directory.exists():
+            ckpt = Checkpointer(directory)
+            try:
+                step = ckpt.latest_step()
+            finally:
+                ckpt.close()
+            if step is not None:
+                logging.info("Ignoring train.init_from=%s: resuming from step %d in %s",
+                             path, step, directory)  # fmt: skip
+                return None
+    from dithead_jax.convert import dit_weights
+
+    imported = dit_weights.load_dit_weights(path, run.model)
+    logging.info("%s", imported.summary())
+    return imported
+
+
 def build_task(
     config: Any,
     *,
@@ -116,11 +144,15 @@ def build_task(
     preview_batch: Mapping[str, np.ndarray] | None = None,
     devices: list | None = None,
     compiler_options: dict[str, Any] | None = None,
+    workdir: str | os.PathLike | None = None,
 ) -> loop.Task:
     """Everything the loop needs for a DiT run. `batches` / `preview_batch` default to the
     records in `config.data.dir` (tests may pass in-memory host batches instead);
-    `compiler_options` go to every jit (see `dit_step.jit_train_step`)."""
+    `compiler_options` go to every jit (see `dit_step.jit_train_step`); `workdir` (the
+    run's) only decides whether `train.init_from` applies (see `warm_start_weights`)."""
     run = DiTRun.from_config(config)
+    # Read before anything compiles, so that a wrong file fails fast.
+    warm_start = warm_start_weights(run, workdir)
 
     # ---- Mesh --------------------------------------------------------------------------
     rules = sharding.DIT_RULES
@@ -153,8 +185,16 @@ def build_task(
         rules=rules,
         compiler_options=compiler_options,
     )
+    if warm_start is not None:  # the file's weights, then the usual EMA copy of them
+        from dithead_jax.convert.dit_weights import apply_import
+
+        state = state.replace(
+            params=apply_import(state.params, warm_start),
+            ema_params=apply_import(state.ema_params, warm_start),
+        )
     logging.info("DiT: %.1fM parameters, compute %s, params %s",
-                 count_params(state) / 1e6, run.model.dtype, run.model.param_dtype)  # fmt: skip
+                 count_params(state.params) / 1e6, run.model.dtype,
+                 run.model.param_dtype)  # fmt: skip
 
     # ---- Step ----------------------------------------------------------------------------
     sync, frozen = None, ()
@@ -235,7 +275,7 @@ def lower_train_step(
 def train_dit(config: Any, workdir: str | os.PathLike, **task_kwargs: Any) -> loop.RunResult:
     """Builds the task from `config` and runs the loop in `workdir` (resuming if possible)."""
     run = DiTRun.from_config(config)
-    task = build_task(config, **task_kwargs)
+    task = build_task(config, workdir=workdir, **task_kwargs)
     return loop.run(task, run.train, workdir)
 
 

@@ -210,7 +210,3 @@ def create_train_state(
         create = jax.jit(init, out_shardings=setup.shardings, compiler_options=compiler_options)
         state = create()
     return state, setup
-
-
-def count_params(state: TrainState) -> int:
-    return sum(x.size for x in jax.tree.leaves(state.params))

@@ -29,6 +29,7 @@ from flax import nnx
 
 from dithead_jax import config as cfg
 from dithead_jax import sharding
+from dithead_jax.models.layers import count_params
 from dithead_jax.models.sync_expert import SyncExpert, info_nce
 from dithead_jax.training import loop
 from dithead_jax.training.state import (
@@ -36,7 +37,6 @@ from dithead_jax.training.state import (
     TrainState,
     abstract_train_state,
     apply_gradients,
-    count_params,
     create_train_state,
     guard_update,
     learning_rate_schedule,
@@ -166,7 +166,7 @@ def build_task(
         compiler_options=options,
     )
     logging.info("Sync expert: %.2fM parameters; lr %.3g; batch %d",
-                 count_params(state) / 1e6, run.train.learning_rate,
+                 count_params(state.params) / 1e6, run.train.learning_rate,
                  run.train.global_batch_size)  # fmt: skip
 
     # ---- Step ----------------------------------------------------------------------------

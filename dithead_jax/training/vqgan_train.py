@@ -42,7 +42,7 @@ from flax import nnx
 
 from dithead_jax import config as cfg
 from dithead_jax import sharding
-from dithead_jax.models.layers import partitioned
+from dithead_jax.models.layers import count_params, partitioned
 from dithead_jax.models.vqgan import VQGAN, refresh_codebook
 from dithead_jax.training import loop
 from dithead_jax.training import vqgan_losses as losses
@@ -51,7 +51,6 @@ from dithead_jax.training.state import (
     TrainState,
     abstract_train_state,
     apply_gradients,
-    count_params,
     create_train_state,
     guard_update,
     learning_rate_schedule,
@@ -313,7 +312,7 @@ def build_task(
         compiler_options=options,
     )
     logging.info("VQGAN + discriminator: %.2fM parameters; lr %.3g; target %s",
-                 count_params(state) / 1e6, run.learning_rate, run.target)  # fmt: skip
+                 count_params(state.params) / 1e6, run.learning_rate, run.target)  # fmt: skip
 
     # ---- Frozen LPIPS --------------------------------------------------------------------
     lpips_graphdef, lpips_state = None, {}

@@ -31,7 +31,9 @@ from pathlib import Path
 
 import ml_collections
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Run as a script from a checkout (configs/hardware.py): the repository root, above the
+# package, so `dithead_jax` imports without an install.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from dithead_jax.config import DiTConfig  # noqa: E402
 
