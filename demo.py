@@ -13,10 +13,11 @@ Runs the same commands a user runs, each in its own process, and times them:
     latents        data/encode_latents.py   stage-2 records
     dit            train.py (dit)           the denoiser (mask weight, CFG)    } side
     dit_paper      train.py (dit)           the paper's recipe, to compare     } by side
+    export         dithead_jax.export       the DiT run as one relocatable folder (model/)
     evaluate_paper sample.py --eval         its sync and LSE                   } side
     evaluate       sample.py --eval         held-out identities: report,       } by
                                             side-by-side videos, modes compared } side
-    dub            sample.py --video        a held-out face, another's speech  }
+    dub            sample.py --model model  a held-out face, another's speech  }
 
 Sizes are chosen for the 15-minute budget on two cores: 64^2 crops (16x16x3 latents), small
 VQGANs and a 6-layer DiT (configs/*.py:demo). Every stage resumes where it stopped, and a
@@ -67,10 +68,11 @@ def stages(out: Path, args: argparse.Namespace) -> list[list[tuple[str, Callable
     vq, vq_m, dit = out / "vqgan_frames", out / "vqgan_masked", out / "dit"
     expert = out / "sync_expert"  # sample.py finds it next to the DiT run
     dit_paper = out / "dit_paper"  # the paper's recipe, for the comparison row
+    model = out / "model"  # the exported DiT run: what a user copies elsewhere to dub with
 
     def dub() -> list:
         face, voice = held_out_pair(syn)
-        return ["sample.py", "--workdir", dit, "--video", syn / face / "clip000.mp4",
+        return ["sample.py", "--model", model, "--video", syn / face / "clip000.mp4",
                 "--audio", syn / voice / "clip000.mp4", "--steps", args.steps,
                 "--guidance", args.guidance,
                 "--side-by-side", "--out", out / f"dubbed_{face}_by_{voice}.mp4"]  # fmt: skip
@@ -105,6 +107,7 @@ def stages(out: Path, args: argparse.Namespace) -> list[list[tuple[str, Callable
             "train.py", "--config", "configs/dit.py:demo", "--workdir", dit_paper,
             f"--config.data.dir={latents}", f"--config.train.num_steps={args.dit_steps}",
             *PAPER_RECIPE])] if args.paper_row else [])],
+        [("export", lambda: ["-m", "dithead_jax.export", "--workdir", dit, "--out", model])],
         [*([("evaluate_paper", lambda: [
             "sample.py", "--workdir", dit_paper, "--eval", "--dataset", stage1, "--synthetic",
             syn, "--modes", "x0_same_step", "--steps", args.steps, "--max-clips",
@@ -198,7 +201,9 @@ def summary(out: Path, timings: dict[str, float], groups: list[list[str]]) -> st
         "Full report: [report/report.md](report/report.md); side-by-side videos (truth | "
         "masked input | VQGAN round trip | generated) in report/; "
         f"{', '.join(dubbed) or 'no dubbed video'}: a "
-        "held-out face driven by another held-out identity's speech. TensorBoard: "
+        "held-out face driven by another held-out identity's speech, dubbed from the "
+        f"exported model ({out.name}/model: copy it anywhere, then "
+        f'`DiTHeadPipeline.from_pretrained("model")`). TensorBoard: '
         f"`tensorboard --logdir {out.name}`.",
         "",
     ]

@@ -8,9 +8,11 @@ W1 / W2 are the train.py workdirs of the frame VQGAN (E, D) and the masked-frame
 with the mask moved by random offsets drawn per frame and variant (variant 0 unshifted; the
 offsets are stored, and a re-run draws the same), the audio window, and DiffTalk's
 upper-face landmarks. Latents are normalised per channel, E's and E_m's each with their own
-statistics; the statistics and both VQGAN runs are recorded in the dataset, so sample.py
-finds the decoder from a DiT run alone. Resumable: finished videos are skipped (a dataset
-from before per-frame offsets cannot be resumed: encode into a new --out).
+statistics; the statistics and both VQGAN runs are recorded in the dataset (paths relative
+to its metadata folder, LATENTS/dataset), so sample.py finds the decoder from a DiT run
+alone, and a tree of runs and datasets still loads after it is moved. Resumable: finished
+videos are skipped (a dataset from before per-frame offsets cannot be resumed: encode into
+a new --out).
 """
 
 import argparse
@@ -59,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from dithead_jax.data.latents import LatentJob, encode_dataset, make_encoder
     from dithead_jax.data.records import dataset_metadata
-    from dithead_jax.training.vqgan_train import load_model
+    from dithead_jax.runs import load_vqgan
 
     if dataset_metadata(stage1).get("kind") != "stage1":
         fail(PROG, f"{stage1}: not a stage-1 dataset")
     try:
-        vqgan, vqgan_masked = load_model(args.vqgan), load_model(args.vqgan_masked)
+        vqgan, vqgan_masked = load_vqgan(args.vqgan), load_vqgan(args.vqgan_masked)
     except (FileNotFoundError, ValueError) as e:
         fail(PROG, str(e))
     job = LatentJob(

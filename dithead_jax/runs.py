@@ -7,7 +7,7 @@
 A checkpoint's `state` item holds the whole TrainState (params, Adam moments, EMA, step).
 Inference restores one subtree of it (`params` or `ema_params`, and for a VQGAN only the
 VQGAN inside its trainer) with Orbax's partial restore: the optimizer is never built and
-its moments are never read (tests/test_end_to_end.py counts the bytes TensorStore reads).
+its moments are never read (tests/test_export.py counts the bytes TensorStore reads).
 Nothing here imports `dithead_jax.training`, so sampling, evaluation and the latent
 encoder do not pull in optax, Grain or the trainers.
 

@@ -3,10 +3,12 @@
     models = load_models(dit_workdir)           # DiT + both VQGANs + latent statistics
     faces = generate_faces(models, masked, audio, reference, steps=50, mode="x0_same_step")
 
-The chain of provenance: a DiT run's config names its stage-2 latents (`data.dir`); the
-latents' metadata (written by data/encode_latents.py) names the two VQGAN runs that made
-them, the stage-1 dataset, the audio features and the per-channel latent statistics the DiT
-was trained with. So a DiT workdir is all sample.py needs.
+The chain of provenance: a DiT run records its stage-2 latents (runs.record_latents; else
+its config's `data.dir`); the latents' metadata (written by data/encode_latents.py) names
+the two VQGAN runs that made them, the stage-1 dataset, the audio features and the
+per-channel latent statistics the DiT was trained with, paths relative to itself. So a DiT
+workdir is all sample.py needs; `dithead_jax.export` folds the chain into one folder.
+Nothing here imports the trainers (runs.py restores only the weights).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dithead_jax.diffusion.schedule import make_schedule
 @dataclasses.dataclass
 class Models:
     dit: nnx.Module
-    dit_run: Any  # training.dit_train.DiTRun
+    dit_run: Any  # runs.DiTSpec (model, diffusion, data): what sampling reads of the config
     vqgan: nnx.Module  # E and D (frames)
     vqgan_masked: nnx.Module  # E_m (masked frames)
     latent_mean: np.ndarray  # (c,) the DiT sees (z - mean) / std
@@ -40,53 +42,82 @@ class Models:
     masked_latent_mean: np.ndarray
     masked_latent_std: np.ndarray
     latents: dict[str, Any]  # stage-2 provenance (VQGAN runs, stage-1 dataset, its audio...)
+    # What dubbing a new video needs, so that neither dataset has to be at hand: the
+    # stage-1 crop settings (margin, landmarks...), the audio featurizer spec ("logmel" or
+    # "wav2vec2:<dir or hub id>", a local dir resolved) and the face-crop size.
+    stage1: dict[str, Any] = dataclasses.field(default_factory=dict)
+    audio_features: str = "logmel"
+    image_size: int = 0
+    source: str = ""  # the workdir or exported folder it was loaded from
     compiled: dict[tuple, Any] = dataclasses.field(default_factory=dict)
 
-
-def _run_config(workdir: Path) -> Any:
-    """The newest checkpoint's run config (JSON) as an ml_collections ConfigDict."""
-    import ml_collections
-
-    from dithead_jax.training.checkpoint import Checkpointer
-
-    if not (workdir / "checkpoints").is_dir():  # the Checkpointer would create it
-        raise FileNotFoundError(f"{workdir}: no checkpoints folder (train.py writes it)")
-    ckpt = Checkpointer(workdir / "checkpoints")
-    try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{workdir}: no checkpoint (train.py writes them)")
-        config = ckpt.restore_config(step)
-    finally:
-        ckpt.close()
-    return ml_collections.ConfigDict(config)
+    def __post_init__(self):
+        if not self.image_size and "image_size" in self.latents:
+            self.image_size = int(self.latents["image_size"])
+        if not self.stage1:
+            self.stage1 = dict(self.latents.get("stage1_provenance") or {})
 
 
-def load_models(workdir: str | os.PathLike) -> Models:
-    """Everything generation needs, from a DiT run directory. Raises FileNotFoundError."""
+def load_models(path: str | os.PathLike) -> Models:
+    """Everything generation needs, from a DiT run directory (train.py's workdir) or a
+    folder `dithead_jax.export` wrote (it has a model_index.json). Raises
+    FileNotFoundError / ValueError naming what is missing or wrong."""
+    if (Path(path) / "model_index.json").is_file():
+        from dithead_jax.export import load_export
+
+        return load_export(path)
+    return load_workdir(path)
+
+
+def load_workdir(workdir: str | os.PathLike) -> Models:
+    """A DiT run directory's Models: its EMA weights (no optimizer state is read), the two
+    VQGANs and the statistics its latents dataset records, the stage-1 dataset's crop
+    settings; recorded paths resolve relative to where they are recorded (runs.py)."""
+    from dithead_jax import runs
     from dithead_jax.data.latents import masked_statistics
-    from dithead_jax.data.records import dataset_metadata
-    from dithead_jax.training import dit_train, vqgan_train
 
     workdir = Path(workdir)
-    config = _run_config(workdir)
-    latents = dict(dataset_metadata(config.data.dir).get("provenance") or {})
+    config = runs.run_config(workdir)
+    data_dir = runs.latents_dir(workdir, config)
+    latents = dict(_metadata(data_dir, "latent dataset").get("provenance") or {})
     if "vqgan_workdir" not in latents:
-        raise FileNotFoundError(f"{config.data.dir}: not a latent dataset (no VQGAN recorded)")
-    stage1 = dataset_metadata(latents["stage1_dataset"])
+        raise FileNotFoundError(f"{data_dir}: not a latent dataset (no VQGAN recorded)")
+    base = latents_base(data_dir)
+    for key in ("stage1_dataset", "vqgan_workdir", "vqgan_masked_workdir"):
+        latents[key] = runs.resolve_recorded(latents[key], base)
+    stage1 = _metadata(latents["stage1_dataset"], "stage-1 dataset")
     latents["stage1_provenance"] = stage1.get("provenance") or {}
     masked_mean, masked_std = masked_statistics(latents)
     return Models(
-        dit=dit_train.load_model(workdir, config),
-        dit_run=dit_train.DiTRun.from_config(config),
-        vqgan=vqgan_train.load_model(latents["vqgan_workdir"]),
-        vqgan_masked=vqgan_train.load_model(latents["vqgan_masked_workdir"]),
+        dit=runs.load_dit(workdir, config),
+        dit_run=runs.DiTSpec.from_config(config),
+        vqgan=runs.load_vqgan(latents["vqgan_workdir"]),
+        vqgan_masked=runs.load_vqgan(latents["vqgan_masked_workdir"]),
         latent_mean=np.asarray(latents["latent_mean"], np.float32),
         latent_std=np.asarray(latents["latent_std"], np.float32),
         masked_latent_mean=masked_mean,
         masked_latent_std=masked_std,
         latents=latents,
+        audio_features=latents["stage1_provenance"].get("audio_features", "logmel"),
+        source=str(workdir),
     )
+
+
+def latents_base(data_dir: str | os.PathLike) -> Path:
+    """The folder a stage-2 dataset's provenance paths are recorded relative to: the one
+    holding its metadata.json (`out/dataset`, whichever of the two `data.dir` names)."""
+    from dithead_jax.data.records import _dataset_path
+
+    return _dataset_path(data_dir)
+
+
+def _metadata(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    from dithead_jax.data.records import dataset_metadata
+
+    try:
+        return dataset_metadata(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no {what} there (its metadata.json is missing)") from None
 
 
 def check_guidance(dit_run: Any, guidance: float) -> None:

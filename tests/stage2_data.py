@@ -15,16 +15,69 @@ from dithead_jax.data import records  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def dit_testing_config(data_dir: str | Path):
-    """configs/dit.py:testing (an ml_collections ConfigDict) reading `data_dir`."""
+def load_script(name: str, path: str | Path):
+    """The module a script file defines (a CLI's `main`, a config's `get_config`), loaded
+    under `name` in this process."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("dit_config", ROOT / "configs" / "dit.py")
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config("testing")
+    return module
+
+
+def dit_testing_config(data_dir: str | Path):
+    """configs/dit.py:testing (an ml_collections ConfigDict) reading `data_dir`."""
+    config = load_script("dit_config", ROOT / "configs" / "dit.py").get_config("testing")
     config.data.dir = str(data_dir)
     return config
+
+
+def save_initial_run(config, workdir: Path, make_model, tx, rules) -> None:
+    """A step-0 checkpoint of `config`'s model as train.py lays it out (state + config)."""
+    import jax
+
+    from dithead_jax import sharding
+    from dithead_jax.training.checkpoint import Checkpointer
+    from dithead_jax.training.dit_step import FAST_COMPILE_CPU
+    from dithead_jax.training.loop import config_dict
+    from dithead_jax.training.state import create_train_state
+
+    mesh = sharding.make_mesh("dp", jax.devices()[:1])
+    state, _ = create_train_state(
+        make_model, tx, seed=0, mesh=mesh, rules=rules, compiler_options=FAST_COMPILE_CPU
+    )
+    ckpt = Checkpointer(workdir / "checkpoints", asynchronous=False)
+    ckpt.save(0, state, config=config_dict(config))
+    ckpt.close()
+
+
+def save_initial_vqgan(stage1: Path, workdir: Path) -> None:
+    """An untrained configs/vqgan.py:testing run on `stage1`, as train.py saves step 0."""
+    from dithead_jax import sharding
+    from dithead_jax.training import vqgan_train
+
+    config = load_script("vqgan_config", ROOT / "configs" / "vqgan.py").get_config("testing")
+    config.data.dir = str(stage1)
+    run = vqgan_train.VQGANRun.from_config(config)
+    save_initial_run(
+        config, workdir,
+        lambda rngs: vqgan_train.VQGANTrainer(run.model, run.loss, rngs=rngs),
+        vqgan_train.make_optimizer(run), sharding.VQGAN_RULES,
+    )  # fmt: skip
+
+
+def save_initial_dit(config, workdir: Path) -> None:
+    """An untrained DiT run of `config` (a dit.py ConfigDict), as train.py saves step 0."""
+    from dithead_jax import sharding
+    from dithead_jax.models.dit import DiT
+    from dithead_jax.training import dit_train
+
+    run = dit_train.DiTRun.from_config(config)
+    save_initial_run(
+        config, workdir, lambda rngs: DiT(run.model, rngs=rngs),
+        dit_train.make_optimizer(run.train), sharding.DIT_RULES,
+    )  # fmt: skip
 
 
 def write_stage1_clip(

@@ -10,7 +10,6 @@ state_dict). The DiT and the VQGAN are untrained tiny models built in memory: wh
 test is the protocol, not the faces.
 """
 
-import importlib.util
 import json
 import pickle
 import shutil
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from stage2_data import dit_testing_config
+from stage2_data import dit_testing_config, load_script
 from test_fid import random_pytorch_fid_state_dict
 
 from dithead_jax.config import SyntheticConfig, VQGANConfig
@@ -82,9 +81,7 @@ def tiny_models():
 
 def preprocess(videos: Path, out: Path) -> None:
     """data/preprocess.py's CLI in this process (its provenance records the speech)."""
-    spec = importlib.util.spec_from_file_location("preprocess_cli", ROOT / "data/preprocess.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("preprocess_cli", ROOT / "data/preprocess.py")
     argv = ["--input", str(videos), "--out", str(out), "--landmarks", "sidecar",
             "--size", str(SIZE), "--margin", "0.3"]  # fmt: skip
     assert cli.main(argv) == 0

@@ -4,7 +4,6 @@ impossible size, and one frame-timing rule for every reader (constant and variab
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from stage2_data import load_script
 
 from dithead_jax import config as cfg
 from dithead_jax.data import hdtf, records
@@ -30,13 +30,6 @@ from dithead_jax.synthetic.dataset import generate_dataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stage2_data  # noqa: E402
-
-
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +55,7 @@ def test_any_file_name_is_preprocessed_and_keeps_its_name(videos, tmp_path, caps
         shutil.copy(videos / f"id000/clip000{suffix}", odd / f"clip 1{suffix}")
     # Sorts after the odd name: on HEAD the run died before ever writing it.
     shutil.copytree(videos / "id001", src / "zz_plain")
-    preprocess = _load("preprocess_cli", ROOT / "data/preprocess.py")
+    preprocess = load_script("preprocess_cli", ROOT / "data/preprocess.py")
     args = ["--input", str(src), "--out", str(tmp_path / "out"), "--landmarks", "sidecar"]
     assert preprocess.main([*args, "--size", "32"]) == 0
     assert "2 videos written (40 frames)" in capsys.readouterr().out
@@ -89,25 +82,25 @@ def test_any_file_name_is_preprocessed_and_keeps_its_name(videos, tmp_path, caps
 # ---------------------------------------------------------------- dubbing (item 5)
 
 
-def test_a_silent_video_can_be_dubbed_and_audio_errors_name_the_audio(videos, tmp_path, capsys):
-    sample = _load("sample_cli", ROOT / "sample.py")
+def test_a_silent_video_can_be_dubbed_and_audio_errors_name_the_audio(videos, tmp_path):
+    from dithead_jax.config import DataConfig
+    from dithead_jax.pipeline import prepare
+
+    data = DataConfig(image_size=32, audio_dim=33)
     media = read_video(videos / "id000/clip000.mp4")
     video = tmp_path / "silent_video.mp4"
     write_video(video, media.frames, 25)  # no audio stream
     shutil.copy(videos / "id000/clip000.npz", video.with_suffix(".npz"))
     speech = videos / "id001/clip000.mp4"
-    inputs = sample.dubbing_inputs(str(video), str(speech), "sidecar_or_dlib", {}, 32, 33)
+    inputs = prepare(str(video), str(speech), "sidecar_or_dlib", {}, data)
     assert inputs["crops"]["frame"].shape == (20, 32, 32, 3)
     assert inputs["rate"] == 16_000 and abs(len(inputs["speech"]) - 0.8 * 16_000) < 400
 
     mute = tmp_path / "mute_audio.mp4"
     write_video(mute, media.frames[:4], 25)
-    with pytest.raises(SystemExit) as exit_info:
-        sample.dubbing_inputs(str(video), str(mute), "sidecar_or_dlib", {}, 32, 33)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err == f"sample.py: error: {mute}: no audio stream"
-    assert str(video) not in err
+    with pytest.raises(ValueError) as error:
+        prepare(str(video), str(mute), "sidecar_or_dlib", {}, data)
+    assert str(error.value) == f"{mute}: no audio stream"  # the audio file, not the video
 
 
 # ---------------------------------------------------------- dataset kinds (item 6)

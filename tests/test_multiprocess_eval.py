@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
+from stage2_data import save_initial_dit, save_initial_vqgan
 
 from dithead_jax.training.dit_step import FAST_COMPILE_CPU
 
@@ -30,22 +30,6 @@ def run(*args: str, env: dict | None = None) -> str:
     return result.stdout
 
 
-def save_initial_run(config, workdir: Path, make_model, tx, rules) -> None:
-    """A step-0 checkpoint of `config`'s model as train.py lays it out (state + config)."""
-    from dithead_jax import sharding
-    from dithead_jax.training.checkpoint import Checkpointer
-    from dithead_jax.training.loop import config_dict
-    from dithead_jax.training.state import create_train_state
-
-    mesh = sharding.make_mesh("dp", jax.devices()[:1])
-    state, _ = create_train_state(
-        make_model, tx, seed=0, mesh=mesh, rules=rules, compiler_options=FAST_COMPILE_CPU
-    )
-    ckpt = Checkpointer(workdir / "checkpoints", asynchronous=False)
-    ckpt.save(0, state, config=config_dict(config))
-    ckpt.close()
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -54,10 +38,6 @@ def free_port() -> int:
 
 def test_sample_eval_two_processes_writes_the_one_process_report(tmp_path):
     from configs import dit as dit_configs
-    from configs import vqgan as vqgan_configs
-    from dithead_jax import sharding
-    from dithead_jax.models.dit import DiT
-    from dithead_jax.training import dit_train, vqgan_train
 
     syn, stage1, vq = tmp_path / "syn", tmp_path / "stage1", tmp_path / "vq"
     latents, dit = tmp_path / "latents", tmp_path / "dit"
@@ -67,24 +47,13 @@ def test_sample_eval_two_processes_writes_the_one_process_report(tmp_path):
     run("data/preprocess.py", "--input", str(syn), "--out", str(stage1),
         "--landmarks", "sidecar", "--size", "32", "--margin", "0.3")  # fmt: skip
 
-    config = vqgan_configs.get_config("testing")
-    config.data.dir = str(stage1)
-    vq_run = vqgan_train.VQGANRun.from_config(config)
-    save_initial_run(
-        config, vq,
-        lambda rngs: vqgan_train.VQGANTrainer(vq_run.model, vq_run.loss, rngs=rngs),
-        vqgan_train.make_optimizer(vq_run), sharding.VQGAN_RULES,
-    )  # fmt: skip
+    save_initial_vqgan(stage1, vq)
     run("data/encode_latents.py", "--dataset", str(stage1), "--vqgan", str(vq),
         "--vqgan-masked", str(vq), "--out", str(latents), "--mask-variants", "1")  # fmt: skip
     config = dit_configs.get_config("testing")
     config.data.dir = str(latents)
     config.model.input_size = 8
-    dit_run = dit_train.DiTRun.from_config(config)
-    save_initial_run(
-        config, dit, lambda rngs: DiT(dit_run.model, rngs=rngs),
-        dit_train.make_optimizer(dit_run.train), sharding.DIT_RULES,
-    )  # fmt: skip
+    save_initial_dit(config, dit)
 
     common = ["sample.py", "--workdir", str(dit), "--eval", "--dataset", str(stage1),
               "--split", "train", "--synthetic", str(syn), "--max-frames", "4",

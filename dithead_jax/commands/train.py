@@ -135,6 +135,8 @@ def _train(run: Any, build_task: Any, workdir: Any) -> None:
         task = build_task(_CONFIG.value)
     except (ValueError, FileNotFoundError) as e:
         fail(PROG, str(e))
+    if _CONFIG.value.get("stage", "dit") == "dit" and jax.process_index() == 0:
+        _record_latents(workdir)
     try:
         result = loop.run(task, run.train, workdir)
     except (ResumeMismatchError, UnrestorableError) as e:
@@ -147,6 +149,16 @@ def _train(run: Any, build_task: Any, workdir: Any) -> None:
     if result.preempted:
         logging.flush()
         sys.exit(loop.EXIT_PREEMPTED)
+
+
+def _record_latents(workdir: Any) -> None:
+    """Where the DiT's latents are, from its workdir (runs.py), so sampling finds them after
+    the run and its datasets move together; config.data.dir keeps the path as given."""
+    from dithead_jax import runs
+
+    data_dir = _CONFIG.value.data.get("dir")
+    if data_dir and "://" not in str(data_dir):
+        runs.record_latents(workdir, data_dir)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

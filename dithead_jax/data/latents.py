@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -146,10 +145,15 @@ def _new_provenance(job: LatentJob, size: int, encode_frames: Encoder, encode_ma
         job.seed,
         lambda r: shifted_masked_frames(r["frame"], r["landmarks"], unshifted, data)[0],
     )
+    # Relative to the folder holding this dataset's metadata.json (`out/dataset`), so the
+    # runs and datasets moved together still find each other (runs.resolve_recorded).
+    from dithead_jax.runs import relative_to
+
+    base = Path(job.out) / "dataset"
     return {
-        "stage1_dataset": os.fspath(Path(job.stage1).resolve()),
-        "vqgan_workdir": os.fspath(Path(job.vqgan_workdir).resolve()),
-        "vqgan_masked_workdir": os.fspath(Path(job.vqgan_masked_workdir).resolve()),
+        "stage1_dataset": relative_to(job.stage1, base),
+        "vqgan_workdir": relative_to(job.vqgan_workdir, base),
+        "vqgan_masked_workdir": relative_to(job.vqgan_masked_workdir, base),
         "latent_mean": mean,
         "latent_std": std,
         "masked_latent_mean": m_mean,

@@ -1,0 +1,188 @@
+"""Talking-head generation and evaluation with a trained DiT-Head run.
+
+    python sample.py --model M --video V --audio A --out O.mp4 [--steps 50]
+        [--reference x0_same_step|noisy_same_step|fixed|final] [--seed 0] [--side-by-side]
+        [--guidance 1.0]
+    python sample.py --model M --eval --dataset STAGE1 [--split test] [--max-clips N]
+        [--steps 50] [--modes x0_same_step,...] [--guidance 1,2,3] [--synthetic DIR]
+        --out REPORT_DIR
+        [--coordinator_address HOST:PORT --num_processes N --process_id I]
+
+M is a train.py DiT workdir (the VQGANs and audio features are found from it) or a folder
+`python -m dithead_jax.export` wrote; --workdir is the same flag. Video mode is
+`DiTHeadPipeline` (dithead_jax/pipeline.py): it preprocesses V as data/preprocess.py does,
+drives it with A (V may be silent: its own sound is
+never read; audio longer than the video loops the video back and forth; shorter audio trims
+it), pastes each generated face back through its crop box with the soft lower-face mask and
+writes O.mp4 with A as its sound. Installed with pip, the same program is `dithead-sample`.
+
+--eval also runs as several processes (`jax.distributed`: the three flags on a bare launch,
+or a cluster JAX detects): each process generates a contiguous share of the clips on its
+own devices and writes their side-by-side videos; process 0 writes the one report, equal
+to a one-process run's. Video mode is one process.
+
+--guidance W: classifier-free guidance on audio (1 = off; W > 1 strengthens the audio),
+for runs trained with a null audio context (diffusion.audio_dropout > 0). --eval takes a
+comma-separated list and reports every reference mode at every scale.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from dithead_jax.cli import (
+    add_distributed_args,
+    check_writable_dir,
+    fail,
+    initialize_distributed,
+)
+
+PROG = "sample.py"
+MODES = ("x0_same_step", "noisy_same_step", "fixed", "final")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    p.add_argument("--model", "--workdir", dest="model", required=True,
+                   help="train.py workdir of the DiT, or an exported model folder")  # fmt: skip
+    p.add_argument("--video")
+    p.add_argument("--audio")
+    p.add_argument("--out", required=True, help="output mp4 (video mode) or report folder")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--reference", default="x0_same_step", choices=MODES)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--side-by-side", action="store_true")
+    p.add_argument("--landmarks", default="sidecar_or_dlib",
+                   choices=["sidecar_or_dlib", "sidecar", "dlib", "face_alignment"])  # fmt: skip
+    p.add_argument("--eval", action="store_true")
+    p.add_argument("--dataset", help="stage-1 dataset to evaluate on")
+    p.add_argument("--split", default="test")
+    p.add_argument("--max-clips", type=int)
+    p.add_argument("--max-frames", type=int)
+    p.add_argument("--modes", default="x0_same_step", help="comma-separated reference modes")
+    p.add_argument("--guidance", default="1", help="audio guidance scale(s), 1 = off")
+    p.add_argument("--synthetic", help="data/synthetic.py folder: ground truth and speech")
+    p.add_argument("--weights", help="folder of metric weights (sets $DITHEAD_WEIGHTS)")
+    p.add_argument("--sync-expert", help="trained sync expert's workdir: LSE without "
+                   "syncnet_v2 (default: <workdir>/../sync_expert if it exists)")  # fmt: skip
+    p.add_argument("--metrics", default="lpips,fid,lse",
+                   help="network metrics besides PSNR/SSIM ('' for none)")  # fmt: skip
+    add_distributed_args(p)
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        fail(PROG, f"--steps must be >= 1 (got {args.steps})")
+    args.guidance = parse_guidance(args.guidance, several=args.eval)
+    if args.eval:
+        if not args.dataset:
+            fail(PROG, "--eval needs --dataset")
+        bad = [m for m in args.modes.split(",") if m not in MODES]
+        if bad:
+            fail(PROG, f"unknown reference mode(s) {bad}; choose from {list(MODES)}")
+        bad = [m for m in args.metrics.split(",") if m and m not in ("lpips", "fid", "lse")]
+        if bad:
+            fail(PROG, f"unknown metric(s) {bad}; choose from lpips, fid, lse")
+    else:
+        for flag in ("video", "audio"):
+            path = getattr(args, flag)
+            if not path:
+                fail(PROG, f"--{flag} is required (or use --eval)")
+            if not Path(path).is_file():
+                fail(PROG, f"{path}: not found")
+        if not args.out.endswith(".mp4"):
+            fail(PROG, f"--out must be an .mp4 file (got {args.out})")
+    return args
+
+
+def parse_guidance(text: str, several: bool) -> tuple[float, ...]:
+    """--guidance: finite scales >= 0 (0 = unconditional, 1 = off), one unless `several`."""
+    import math
+
+    try:
+        scales = tuple(float(w) for w in text.split(","))
+    except ValueError:
+        fail(PROG, f"--guidance must be a number{' or a comma-separated list' * several} "
+                   f"(got {text!r})")  # fmt: skip
+    if not all(math.isfinite(w) and w >= 0 for w in scales):
+        fail(PROG, f"--guidance scales must be finite and >= 0 (got {text!r})")
+    if len(scales) > 1 and not several:
+        fail(PROG, f"--guidance takes one scale in video mode (a list only with --eval): {text!r}")
+    if len(set(scales)) != len(scales):
+        fail(PROG, f"--guidance lists a scale twice: {text!r}")
+    return scales
+
+
+def generate_video(args: argparse.Namespace, models) -> None:
+    from dithead_jax.data.faces import NoFaceError
+    from dithead_jax.pipeline import DiTHeadPipeline
+
+    pipe = DiTHeadPipeline(models)
+    try:
+        out = pipe(
+            args.video, args.audio, steps=args.steps, reference=args.reference,
+            seed=args.seed, guidance=args.guidance[0], landmarks=args.landmarks,
+            side_by_side=args.side_by_side,
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError, NoFaceError) as e:
+        fail(PROG, str(e))
+    out.save(args.out)
+    print(f"wrote {args.out}: {len(out.frames)} frames, {args.steps} DDIM steps, {args.reference}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    # Before anything touches a device.
+    initialize_distributed(PROG, args.coordinator_address, args.num_processes, args.process_id)
+    import jax
+
+    if not args.eval and jax.process_count() > 1:
+        fail(PROG, "video mode runs as one process (only --eval splits work across processes)")
+    if args.weights:  # the one documented place every weight lookup reads
+        import os
+
+        from dithead_jax.convert.weights import ENV_VAR
+
+        os.environ[ENV_VAR] = str(Path(args.weights).expanduser().resolve())
+    from dithead_jax import sampling
+
+    try:
+        models = sampling.load_models(args.model)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        fail(PROG, f"cannot load the run in {args.model}: {e}")
+    for w in args.guidance:
+        try:
+            sampling.check_guidance(models.dit_run, w)
+        except ValueError as e:
+            fail(PROG, f"--guidance: the run in {args.model}: {e}")
+    if not args.eval:
+        check_writable_dir(PROG, Path(args.out).parent)
+        generate_video(args, models)
+        return 0
+    from dithead_jax.evaluation.evaluate import EvalOptions, evaluate
+    from dithead_jax.evaluation.sync import find_expert
+
+    options = EvalOptions(
+        split=args.split,
+        max_clips=args.max_clips,
+        max_frames=args.max_frames,
+        steps=args.steps,
+        modes=tuple(args.modes.split(",")),
+        seed=args.seed,
+        synthetic=Path(args.synthetic) if args.synthetic else None,
+        metrics=tuple(m for m in args.metrics.split(",") if m),
+        guidance=args.guidance,
+        sync_expert=Path(args.sync_expert) if args.sync_expert else find_expert(args.model),
+    )
+    out = check_writable_dir(PROG, args.out)
+    try:
+        report = evaluate(models, Path(args.dataset), out, options)
+    except (FileNotFoundError, ValueError) as e:
+        fail(PROG, str(e), code=1)
+    if jax.process_index() != 0:
+        return 0
+    print(f"wrote {out / 'report.md'}: " + ", ".join(
+        f"{k} {v:.4g}" for k, v in report["metrics"].items() if v is not None))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
