@@ -219,24 +219,18 @@ def crop_faces(
     """Per-frame face crops as data/preprocess.py makes them (every frame must have a
     face: a dub has no frame to skip): frame, masked_frame, mask, landmarks (crop pixels),
     crop_box, frame_index."""
-    from dithead_jax.data.faces import crop_face, face_boxes, landmarks_to_crop
-    from dithead_jax.data.masks import apply_mask, lower_face_mask
+    from dithead_jax.data.faces import face_boxes
+    from dithead_jax.data.preprocess import face_crop
 
     valid = np.all(np.isfinite(landmarks), axis=(1, 2))
     if not valid.all():
         raise ValueError(f"{name}: no face in {int((~valid).sum())} of {len(frames)} frames")
-    size = data.image_size
     boxes = face_boxes(landmarks, margin)
-    crops: dict[str, list] = {k: [] for k in ("frame", "masked_frame", "mask", "landmarks")}
-    for frame, points, box in zip(frames, landmarks, boxes, strict=True):
-        crop_points = landmarks_to_crop(points, box, size)
-        crop = crop_face(frame, box, size)
-        alpha = lower_face_mask(crop_points, size, data)
-        crops["frame"].append(crop)
-        crops["masked_frame"].append(apply_mask(crop, alpha, data.mask_fill))
-        crops["mask"].append(np.round(alpha * 255).astype(np.uint8))
-        crops["landmarks"].append(crop_points)
-    out = {k: np.stack(v) for k, v in crops.items()}
+    crops = [
+        face_crop(frame, points, box, data.image_size, data)
+        for frame, points, box in zip(frames, landmarks, boxes, strict=True)
+    ]
+    out = {k: np.stack([crop[k] for crop in crops]) for k in crops[0]}
     out["crop_box"] = boxes
     out["frame_index"] = np.arange(len(frames), dtype=np.int32)
     return out

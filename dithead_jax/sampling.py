@@ -75,6 +75,7 @@ def load_workdir(workdir: str | os.PathLike) -> Models:
     settings; recorded paths resolve relative to where they are recorded (runs.py)."""
     from dithead_jax import runs
     from dithead_jax.data.latents import masked_statistics
+    from dithead_jax.data.records import dataset_path
 
     workdir = Path(workdir)
     config = runs.run_config(workdir)
@@ -82,7 +83,8 @@ def load_workdir(workdir: str | os.PathLike) -> Models:
     latents = dict(_metadata(data_dir, "latent dataset").get("provenance") or {})
     if "vqgan_workdir" not in latents:
         raise FileNotFoundError(f"{data_dir}: not a latent dataset (no VQGAN recorded)")
-    base = latents_base(data_dir)
+    # Recorded relative to the folder holding the metadata.json (data/latents.py).
+    base = dataset_path(data_dir)
     for key in ("stage1_dataset", "vqgan_workdir", "vqgan_masked_workdir"):
         latents[key] = runs.resolve_recorded(latents[key], base)
     stage1 = _metadata(latents["stage1_dataset"], "stage-1 dataset")
@@ -101,14 +103,6 @@ def load_workdir(workdir: str | os.PathLike) -> Models:
         audio_features=latents["stage1_provenance"].get("audio_features", "logmel"),
         source=str(workdir),
     )
-
-
-def latents_base(data_dir: str | os.PathLike) -> Path:
-    """The folder a stage-2 dataset's provenance paths are recorded relative to: the one
-    holding its metadata.json (`out/dataset`, whichever of the two `data.dir` names)."""
-    from dithead_jax.data.records import _dataset_path
-
-    return _dataset_path(data_dir)
 
 
 def _metadata(path: str | os.PathLike, what: str) -> dict[str, Any]:

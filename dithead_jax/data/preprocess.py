@@ -197,6 +197,23 @@ def process_video(
     )
 
 
+def face_crop(
+    frame: np.ndarray, landmarks: np.ndarray, box: np.ndarray, size: int, data: DataConfig
+) -> dict[str, np.ndarray]:
+    """One frame's face as stage 1 stores it (and dubbing crops it): the crop `box` of
+    `frame` resized to `size`, its lower-face-masked copy, the soft mask as uint8 alpha and
+    the landmarks moved from source to crop pixels."""
+    crop_points = landmarks_to_crop(landmarks, box, size)
+    crop = crop_face(frame, box, size)
+    alpha = lower_face_mask(crop_points, size, data)
+    return {
+        "frame": crop,
+        "masked_frame": apply_mask(crop, alpha, data.mask_fill),
+        "mask": np.round(alpha * 255).astype(np.uint8),
+        "landmarks": crop_points,
+    }
+
+
 def _crop_segments(
     path: Path,
     cfg: PreprocessConfig,
@@ -229,14 +246,8 @@ def _crop_segments(
             current = k
             if k < 0:
                 continue
-            crop_points = landmarks_to_crop(landmarks[t], boxes[t], size)
-            crop = crop_face(frame, boxes[t], size)
-            alpha = lower_face_mask(crop_points, size, cfg.data)
             record = {
-                "frame": crop,
-                "masked_frame": apply_mask(crop, alpha, cfg.data.mask_fill),
-                "mask": np.round(alpha * 255).astype(np.uint8),
-                "landmarks": crop_points,
+                **face_crop(frame, landmarks[t], boxes[t], size, cfg.data),
                 "crop_box": boxes[t],
                 "source_size": np.array(source_size, np.int32),
                 "audio": windows[t],

@@ -533,7 +533,7 @@ class DatasetWriter:
 # Readers
 
 
-def _dataset_path(path: str | os.PathLike) -> Path:
+def dataset_path(path: str | os.PathLike) -> Path:
     """Accepts the writer's out_dir or its dataset/ subdirectory."""
     path = Path(path)
     if not (path / "dataset_info.json").exists() and (path / DATASET_SUBDIR).is_dir():
@@ -551,7 +551,7 @@ def open_dataset(
     saves the decode. Text features come back as `bytes`. The source is picklable (Grain
     worker processes re-open it).
     """
-    directory = _dataset_path(path)
+    directory = dataset_path(path)
     if not (directory / "dataset_info.json").is_file():
         raise FileNotFoundError(f"{path}: not a dataset (no dataset_info.json)")
     builder = tfds.builder_from_directory(os.fspath(directory))
@@ -562,7 +562,7 @@ def open_dataset(
 
 def dataset_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The writer parameters (kind, shapes, encoding, provenance) stored with the dataset."""
-    return json.loads((_dataset_path(path) / "metadata.json").read_text())
+    return json.loads((dataset_path(path) / "metadata.json").read_text())
 
 
 _KIND_WORDS = {
@@ -574,7 +574,7 @@ _KIND_WORDS = {
 def require_kind(path: str | os.PathLike, kind: Kind, user: str) -> None:
     """Fails with one line when `path` holds the other kind of records than `user` reads,
     before a pipeline dies on a missing key deep inside Grain."""
-    directory = _dataset_path(path)
+    directory = dataset_path(path)
     meta_file = directory / "metadata.json"
     if not meta_file.is_file():
         return  # open_dataset names a missing dataset; older datasets lack only this file
@@ -590,5 +590,5 @@ def require_kind(path: str | os.PathLike, kind: Kind, user: str) -> None:
 
 def load_video_index(path: str | os.PathLike, split: str) -> dict[str, np.ndarray]:
     """Per video (shard order): video_id, identity, start, length; per record: frame_index."""
-    with np.load(_dataset_path(path) / f"video_index-{split}.npz") as z:
+    with np.load(dataset_path(path) / f"video_index-{split}.npz") as z:
         return {k: z[k] for k in z.files}

@@ -329,9 +329,10 @@ class TrainedSyncScorer:
         batch_size: int = 64,
     ):
         from dithead_jax.data.preprocess import AudioFeaturizer
-        from dithead_jax.training.sync_expert_train import load_expert
+        from dithead_jax.runs import load_sync_expert
 
-        self.model, self.run = load_expert(workdir)
+        # Its plain weights alone (runs.py: no optimizer is built, no trainer imported).
+        self.model, self.run = load_sync_expert(workdir)
         self.name = f"trained expert {workdir}"
         self.vshift, self.batch_size = vshift, batch_size
         self.featurize = AudioFeaturizer(audio_features, self.run.data)
