@@ -260,3 +260,27 @@ def test_fresh_run_starts_from_the_file_and_a_resume_ignores_it(reference, tmp_p
     assert dit_train.warm_start_weights(resumed, tmp_path) is None
     with pytest.raises(FileNotFoundError, match="gone.pt"):
         dit_train.warm_start_weights(resumed, tmp_path / "fresh")
+
+
+def test_warm_start_keeps_every_parameter_sharded_as_a_fresh_run(reference):
+    """On 8 devices with fsdp x tensor: each imported leaf lands with the sharding of the
+    fresh state's leaf (a device holds its shard of the file's weights, not all of them)."""
+    _, path = reference
+    states = {}
+    for init_from in ("", str(path)):
+        config = dit_testing_config("")
+        config.mesh, config.train.init_from = "fsdp_tp", init_from
+        run = dit_train.DiTRun.from_config(config)
+        shapes = dit_train.example_shapes(run.model)
+        batch = {k: np.zeros((8, *s), np.float32) for k, s in shapes.items()}
+        task = dit_train.build_task(config, batches=iter([batch]), devices=jax.devices(),
+                                    compiler_options=dit_step.FAST_COMPILE_CPU)  # fmt: skip
+        states[init_from] = task.state
+    fresh, warm = jax.tree.leaves(states[""]), jax.tree.leaves(states[str(path)])
+    assert len(fresh) == len(warm) > 100 and jax.device_count() == 8
+    for a, b in zip(fresh, warm, strict=True):
+        assert b.sharding.is_equivalent_to(a.sharding, a.ndim), (a.sharding, b.sharding)
+    qkv = states[str(path)].params["blocks"][0]["attn"]["qkv"]["kernel"]
+    assert qkv.addressable_shards[0].data.shape == (WIDTH // 4, 3, HEADS // 2, WIDTH // HEADS)
+    file = torch.load(path, weights_only=True)["blocks.0.attn.qkv.weight"].numpy().T
+    np.testing.assert_array_equal(np.asarray(qkv).reshape(WIDTH, -1), file)
