@@ -66,3 +66,24 @@ def paste_back(
     blended = region * (1 - a) + np.asarray(warped_face, np.float32) * a
     out[top:bottom, left:right] = np.clip(np.round(blended), 0, 255).astype(np.uint8)
     return out
+
+
+def paste_chunk(
+    sources: list[np.ndarray],
+    faces: np.ndarray,
+    boxes: np.ndarray,
+    masks: np.ndarray,
+    side_by_side: bool = False,
+) -> np.ndarray:
+    """`paste_back` over a chunk: sources (H, W, 3) uint8 each, faces (C, S, S, 3), boxes
+    (C, 4), masks (C, S, S) uint8 alpha -> (C, H, W, 3), or (C, H, 2W, 3) source | dubbed."""
+    out = []
+    for source, face, box, mask in zip(sources, faces, boxes, masks, strict=True):
+        frame = paste_back(source, face, box, mask.astype(np.float32) / 255)
+        out.append(np.concatenate([source, frame], 1) if side_by_side else frame)
+    return np.stack(out)
+
+
+def even_frames(frames: np.ndarray) -> np.ndarray:
+    """(T, H, W, 3) without an odd last row / column: H.264 4:2:0 needs even sizes."""
+    return frames[:, : frames.shape[1] // 2 * 2, : frames.shape[2] // 2 * 2]

@@ -302,6 +302,16 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
+def batch_shards_in_context() -> int:
+    """How many ways `constrain` splits an activation's batch under the current mesh and
+    rules (1 outside them): what a batch must be a multiple of to split evenly."""
+    spec = current_spec(("activation_batch",), (0,))  # 0 rows: every axis divides
+    if spec is None or spec[0] is None:
+        return 1
+    mesh = jax.sharding.get_abstract_mesh()
+    return math.prod(mesh.shape[a] for a in _as_tuple(spec[0]))
+
+
 def tree_shardings(tree: Any, rules: Rules, mesh: Mesh) -> Any:
     """`NamedSharding`s (same structure as `tree`) from the rules; see `tree_specs`."""
     return jax.tree.map(lambda s: NamedSharding(mesh, s), tree_specs(tree, rules, mesh),

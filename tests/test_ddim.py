@@ -19,14 +19,15 @@ import pytest
 from flax import nnx
 
 from dithead_jax.config import DiffusionConfig, DiTConfig
-from dithead_jax.diffusion import ddim
+from dithead_jax.diffusion import ddim, solvers
 from dithead_jax.diffusion import schedule as sch
+from dithead_jax.diffusion.sampler import DiTSampler, SamplerOptions
 from dithead_jax.models.dit import DiT
 
 SCHEDULE = sch.make_schedule(DiffusionConfig())
 C = 3
 # Jitted, because eager dispatch compiles every op on its own (slow on this CPU).
-ddim_step = jax.jit(ddim.ddim_step, static_argnums=5, static_argnames="clip_x0")
+ddim_step = jax.jit(solvers.ddim_step, static_argnums=5, static_argnames="clip_x0")
 
 
 def fast_key(seed: int) -> jax.Array:
@@ -342,12 +343,13 @@ def test_wavefront_equals_nested_loop(dit_clip, mode):
             )
 
 
-def test_final_mode_through_make_dit_sampler_and_seeds(dit_clip):
+def test_final_mode_through_the_dit_sampler_and_seeds(dit_clip):
     """The jitted NNX entry point with DiffTalk's mode; seeds decide the video."""
     graphdef, state, _ = tiny_dit()
     _, masked, audio, first = dit_clip
-    sampler = ddim.make_dit_sampler(nnx.merge(graphdef, state), SCHEDULE, num_steps=4, mode="final")
-    final = np.asarray(sampler(masked, audio, first, jax.random.key(7)))
+    options = SamplerOptions(num_steps=4, mode="final")
+    sampler = DiTSampler(nnx.merge(graphdef, state), SCHEDULE, options)
+    final = np.asarray(sampler(masked, audio, first, jax.random.key(7))[0])
     assert final.shape == masked.shape and np.isfinite(final).all()
     scale = np.abs(final).max()
     # Frame 0 sees z_r0 in every mode, with the same noise; later frames see other refs.

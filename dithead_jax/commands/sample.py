@@ -1,12 +1,21 @@
 """Talking-head generation and evaluation with a trained DiT-Head run.
 
-    python sample.py --model M --video V --audio A --out O.mp4 [--steps 50]
+    python sample.py --model M --video V --audio A --out O.mp4 [--preset default|paper|fast]
+        [--steps 50] [--solver ddim|dpmpp_2m|unipc] [--spacing uniform|leading|trailing]
         [--reference x0_same_step|noisy_same_step|fixed|final] [--seed 0] [--side-by-side]
-        [--guidance 1.0]
+        [--guidance 1.0] [--dtype float32|bfloat16] [--attention-impl xla|cudnn|splash|auto]
+        [--max-batch 256] [--chunk-frames 64]
     python sample.py --model M --eval --dataset STAGE1 [--split test] [--max-clips N]
-        [--steps 50] [--modes x0_same_step,...] [--guidance 1,2,3] [--synthetic DIR]
-        --out REPORT_DIR
+        [--preset ...] [--steps 50] [--solver ...] [--modes x0_same_step,...]
+        [--guidance 1,2,3] [--synthetic DIR] --out REPORT_DIR
         [--coordinator_address HOST:PORT --num_processes N --process_id I]
+
+--preset paper is DiT-Head's setting (250 DDIM steps, ADM's `ddim250` stride spacing, the
+previous frame's noisy latent at the same step as reference); --preset fast the fewest
+multistep-solver steps that matched DDIM-250 on the demo (README); flags given on top
+override the preset. One clip runs on all of this process's devices (the sampler's slots
+are split over them); --max-batch bounds the DiT rows per call and --chunk-frames the
+frames per sampler call, so memory does not grow with the clip.
 
 M is a train.py DiT workdir (the VQGANs and audio features are found from it) or a folder
 `python -m dithead_jax.export` wrote; --workdir is the same flag. Video mode is
@@ -39,6 +48,8 @@ from dithead_jax.cli import (
 
 PROG = "sample.py"
 MODES = ("x0_same_step", "noisy_same_step", "fixed", "final")
+SOLVERS = ("ddim", "dpmpp_2m", "unipc")
+PRESETS = ("default", "paper", "fast")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -48,10 +59,25 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--video")
     p.add_argument("--audio")
     p.add_argument("--out", required=True, help="output mp4 (video mode) or report folder")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--reference", default="x0_same_step", choices=MODES)
+    p.add_argument("--preset", default="default", choices=PRESETS,
+                   help="paper: DiT-Head's 250 DDIM steps, ADM spacing, noisy_same_step; "
+                        "fast: the fewest solver steps that matched DDIM-250 (README)")  # fmt: skip
+    p.add_argument("--steps", type=int, help="sampling steps (default: the preset's, 50)")
+    p.add_argument("--solver", choices=SOLVERS, help="default: the preset's (ddim)")
+    p.add_argument("--spacing", choices=("uniform", "leading", "trailing"),
+                   help="timestep spacing (default: the preset's, uniform)")  # fmt: skip
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the DiT's compute dtype (weights stay as trained)")  # fmt: skip
+    p.add_argument("--attention-impl", choices=("auto", "xla", "cudnn", "splash"),
+                   help="override the run's attention kernel")  # fmt: skip
+    p.add_argument("--max-batch", type=int, default=256,
+                   help="DiT rows per call: bounds memory whatever the clip length")  # fmt: skip
+    p.add_argument("--reference", choices=MODES, help="default: the preset's (x0_same_step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--side-by-side", action="store_true")
+    p.add_argument("--chunk-frames", type=int,
+                   help="video mode: frames generated, pasted back and encoded at a time "
+                        "(default 64; memory grows with it, not with the video)")  # fmt: skip
     p.add_argument("--landmarks", default="sidecar_or_dlib",
                    choices=["sidecar_or_dlib", "sidecar", "dlib", "face_alignment"])  # fmt: skip
     p.add_argument("--eval", action="store_true")
@@ -59,7 +85,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--split", default="test")
     p.add_argument("--max-clips", type=int)
     p.add_argument("--max-frames", type=int)
-    p.add_argument("--modes", default="x0_same_step", help="comma-separated reference modes")
+    p.add_argument("--modes", help="comma-separated reference modes (default: the preset's)")
     p.add_argument("--guidance", default="1", help="audio guidance scale(s), 1 = off")
     p.add_argument("--synthetic", help="data/synthetic.py folder: ground truth and speech")
     p.add_argument("--weights", help="folder of metric weights (sets $DITHEAD_WEIGHTS)")
@@ -69,8 +95,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="network metrics besides PSNR/SSIM ('' for none)")  # fmt: skip
     add_distributed_args(p)
     args = p.parse_args(argv)
-    if args.steps < 1:
-        fail(PROG, f"--steps must be >= 1 (got {args.steps})")
+    for flag in ("steps", "max_batch"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            fail(PROG, f"--{flag.replace('_', '-')} must be >= 1 (got {value})")
+    args.inference = inference_options(args)
+    args.steps, args.reference = args.inference.steps, args.inference.mode
+    args.modes = args.modes or args.reference
+    if args.chunk_frames is not None and args.chunk_frames < 1:
+        fail(PROG, f"--chunk-frames must be >= 1 (got {args.chunk_frames})")
     args.guidance = parse_guidance(args.guidance, several=args.eval)
     if args.eval:
         if not args.dataset:
@@ -93,6 +126,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def inference_options(args: argparse.Namespace):
+    """The preset's sampling options with the flags given on top of it."""
+    from dithead_jax.sampling import InferenceOptions
+
+    flags = dict(steps=args.steps, mode=args.reference, solver=args.solver,
+                 spacing=args.spacing, dtype=args.dtype, attention_impl=args.attention_impl,
+                 max_batch=args.max_batch)  # fmt: skip
+    if args.chunk_frames is not None:
+        flags["chunk_frames"] = args.chunk_frames
+    return InferenceOptions.preset(args.preset, **{k: v for k, v in flags.items() if v is not None})
+
+
 def parse_guidance(text: str, several: bool) -> tuple[float, ...]:
     """--guidance: finite scales >= 0 (0 = unconditional, 1 = off), one unless `several`."""
     import math
@@ -112,20 +157,22 @@ def parse_guidance(text: str, several: bool) -> tuple[float, ...]:
 
 
 def generate_video(args: argparse.Namespace, models) -> None:
+    """Streams: the video is read, dubbed and encoded --chunk-frames at a time, so memory
+    does not grow with its length; a progress bar (frames/s, ETA) goes to stderr."""
     from dithead_jax.data.faces import NoFaceError
     from dithead_jax.pipeline import DiTHeadPipeline
 
     pipe = DiTHeadPipeline(models)
     try:
-        out = pipe(
-            args.video, args.audio, steps=args.steps, reference=args.reference,
-            seed=args.seed, guidance=args.guidance[0], landmarks=args.landmarks,
-            side_by_side=args.side_by_side,
+        frames = pipe.dub(
+            args.video, args.audio, args.out, options=args.inference, seed=args.seed,
+            guidance=args.guidance[0], landmarks=args.landmarks,
+            side_by_side=args.side_by_side, progress=True,
         )  # fmt: skip
     except (FileNotFoundError, ValueError, NoFaceError) as e:
         fail(PROG, str(e))
-    out.save(args.out)
-    print(f"wrote {args.out}: {len(out.frames)} frames, {args.steps} DDIM steps, {args.reference}")
+    o = args.inference
+    print(f"wrote {args.out}: {frames} frames, {o.steps} {o.solver} steps, {o.mode}, {o.dtype}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         synthetic=Path(args.synthetic) if args.synthetic else None,
         metrics=tuple(m for m in args.metrics.split(",") if m),
         guidance=args.guidance,
+        inference=args.inference,
         sync_expert=Path(args.sync_expert) if args.sync_expert else find_expert(args.model),
     )
     out = check_writable_dir(PROG, args.out)

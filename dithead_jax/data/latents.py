@@ -247,13 +247,37 @@ def encode_dataset(
 
 
 def make_encoder(vqgan: Any, batch_size: int = 32) -> Encoder:
-    """A jitted E: uint8 frames -> float32 latents, data-parallel over all local devices.
+    """A jitted E: uint8 frames (N, S, S, 3) -> float32 latents, data-parallel over all
+    local devices (`data_parallel_batches`)."""
+    import jax.numpy as jnp
 
-    Batches are padded to a multiple of the device count so every call has one shape
-    (one compile), and the padding is dropped from the result.
+    def encode(model, frames):
+        return model.encode(frames.astype(jnp.float32) / 127.5 - 1.0)
+
+    return data_parallel_batches(vqgan, encode, batch_size)
+
+
+def make_decoder(vqgan: Any, batch_size: int = 32) -> Encoder:
+    """A jitted D: latents (N, h, w, c) -> uint8 frames (N, S, S, 3), D quantising first;
+    data-parallel over all local devices like `make_encoder`."""
+    import jax.numpy as jnp
+
+    def decode(model, latents):
+        images = model.decode(latents)
+        return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+    return data_parallel_batches(vqgan, decode, batch_size)
+
+
+def data_parallel_batches(module: Any, fn: Any, batch_size: int) -> Encoder:
+    """`fn(module, batch)` jitted, run over an array's leading axis in fixed-size batches
+    split over all local devices; returns host arrays.
+
+    Batches are padded (zeros) to a multiple of the device count so every call has one
+    shape (one compile) and memory is bounded whatever the input length; the padding is
+    dropped from the result.
     """
     import jax
-    import jax.numpy as jnp
     from flax import nnx
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -263,24 +287,18 @@ def make_encoder(vqgan: Any, batch_size: int = 32) -> Encoder:
     devices = jax.local_devices()
     mesh = make_mesh("dp", devices)  # Auto axis types: the model code stays sharding-agnostic
     batch_size = -(-batch_size // len(devices)) * len(devices)
-    graphdef, state = nnx.split(vqgan)
-    replicated = NamedSharding(mesh, P())
-    state = jax.device_put(state, replicated)
-
-    @jax.jit
-    def run(state, frames):
-        images = frames.astype(jnp.float32) / 127.5 - 1.0
-        return nnx.merge(graphdef, state).encode(images)
-
+    graphdef, state = nnx.split(module)
+    state = jax.device_put(state, NamedSharding(mesh, P()))
+    run = jax.jit(lambda state, batch: fn(nnx.merge(graphdef, state), batch))
     data_sharding = NamedSharding(mesh, P("data"))
 
-    def encode(frames: np.ndarray) -> np.ndarray:
+    def apply(inputs: np.ndarray) -> np.ndarray:
         out = []
-        for start in range(0, len(frames), batch_size):
-            chunk = frames[start : start + batch_size]
-            padded = np.zeros((batch_size, *chunk.shape[1:]), np.uint8)
+        for start in range(0, len(inputs), batch_size):
+            chunk = np.asarray(inputs[start : start + batch_size])
+            padded = np.zeros((batch_size, *chunk.shape[1:]), chunk.dtype)
             padded[: len(chunk)] = chunk
             out.append(np.asarray(run(state, jax.device_put(padded, data_sharding)))[: len(chunk)])
         return np.concatenate(out)
 
-    return encode
+    return apply

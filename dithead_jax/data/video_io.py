@@ -23,25 +23,162 @@ class MediaError(RuntimeError):
     """A media file that cannot be read or written; the message names the file."""
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
-    """Yields a temporary path beside `path`; renames it to `path` only on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.stem}.", suffix=suffix or path.suffix, dir=path.parent
-    )
-    os.close(fd)
-    try:
-        yield Path(tmp)
+class _TempBeside:
+    """A temporary file beside `path` that becomes `path` on `commit` (a rename), or
+    disappears on `discard`: readers never see a half-written file under the real name."""
+
+    def __init__(self, path: str | os.PathLike, suffix: str | None = None):
+        self.target = Path(path)
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{self.target.stem}.", suffix=suffix or self.target.suffix,
+            dir=self.target.parent,
+        )  # fmt: skip
+        os.close(fd)
+        self.path = Path(tmp)
+
+    def commit(self) -> None:
         # mkstemp creates 0600; give the finished file the usual umask-based mode.
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        os.chmod(self.path, 0o666 & ~umask)
+        os.replace(self.path, self.target)
+
+    def discard(self) -> None:
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yields a temporary path beside `path`; renames it to `path` only on success."""
+    tmp = _TempBeside(path, suffix)
+    try:
+        yield tmp.path
+        tmp.commit()
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.discard()
+
+
+AAC_FRAME = 1024  # samples per AAC frame: audio is fed to the encoder one frame at a time
+
+
+class VideoWriter:
+    """Writes H.264 (yuv420p) video with an optional mono AAC track, frames as they come.
+
+        with VideoWriter("out.mp4", fps=25, audio=speech, sample_rate=16_000) as out:
+            for chunk in chunks:
+                out.write(chunk)  # (T, H, W, 3) or (H, W, 3) uint8 RGB, even H and W
+
+    Only the encoder's own lookahead is held, so memory does not grow with the video. The
+    file is written under a temporary name and renamed on a clean exit; an exception (or
+    `abort`) leaves nothing. `audio` (N,) float in [-1, 1] is padded or trimmed at close
+    to exactly frames / fps seconds, because a muxer cut with `-shortest` can drop video
+    frames and a long audio tail would make the two durations disagree; it is encoded
+    alongside the frames it covers, so the two streams interleave in the file.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        fps: int,
+        audio: np.ndarray | None = None,
+        sample_rate: int = 16_000,
+        crf: int = 18,
+    ):
+        self.path, self.fps, self.sample_rate, self.crf = Path(path), fps, sample_rate, crf
+        self.audio = None if audio is None else np.asarray(audio, np.float32).reshape(-1)
+        self.frames = 0  # written so far
+        self._audio_done = 0  # samples already given to the AAC encoder
+        self._video = self._audio_stream = None  # added at the first frame (its size)
+        self._tmp = _TempBeside(path)
+        try:
+            self._container = av.open(str(self._tmp.path), mode="w", format="mp4")
+        except BaseException:
+            self._tmp.discard()
+            raise
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+    def write(self, frames: np.ndarray) -> None:
+        frames = np.asarray(frames)
+        if frames.ndim == 3:
+            frames = frames[None]
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"{self.path}: frames must be (T, H, W, 3) uint8, got "
+                             f"{frames.shape} {frames.dtype}")  # fmt: skip
+        if self._video is None:
+            self._open_streams(*frames.shape[1:3])
+        elif frames.shape[1:3] != (self._video.height, self._video.width):
+            raise ValueError(f"{self.path}: frame size {frames.shape[2]}x{frames.shape[1]} "
+                             f"after {self._video.width}x{self._video.height}")  # fmt: skip
+        for frame in frames:
+            self._mux(self._video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        self.frames += len(frames)
+        # Whole AAC frames the video written so far covers (the rest waits for close).
+        covered = self.frames * self.sample_rate // self.fps
+        self._encode_audio(covered // AAC_FRAME * AAC_FRAME)
+
+    def close(self) -> Path:
+        """Flushes both encoders, closes the file and renames it into place; its path."""
+        try:
+            if self._video is None:
+                raise ValueError(f"{self.path}: no frames to write")
+            self._mux(self._video.encode())
+            self._encode_audio(round(self.frames * self.sample_rate / self.fps))
+            if self._audio_stream is not None:
+                self._mux(self._audio_stream.encode())
+            self._container.close()
+            self._tmp.commit()
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        """Drops everything written: no file is left under either name."""
+        with contextlib.suppress(Exception):
+            self._container.close()
+        self._tmp.discard()
+
+    def _open_streams(self, height: int, width: int) -> None:
+        if height % 2 or width % 2:
+            raise ValueError(f"{self.path}: H.264 4:2:0 needs even frame sizes, got "
+                             f"{width}x{height}")  # fmt: skip
+        video = self._container.add_stream("libx264", rate=self.fps)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = {"crf": str(self.crf), "preset": "medium"}
+        if self.audio is not None:
+            self._audio_stream = self._container.add_stream("aac", rate=self.sample_rate)
+            self._audio_stream.layout = "mono"
+        self._video = video
+
+    def _encode_audio(self, until: int) -> None:
+        """Feeds samples [done, until) to the AAC encoder, one AAC frame per av.AudioFrame
+        (zeros past the end of the speech), always on the same 1024-sample grid."""
+        if self._audio_stream is None:
+            return
+        for start in range(self._audio_done, until, AAC_FRAME):
+            piece = np.zeros(min(AAC_FRAME, until - start), np.float32)
+            have = self.audio[start : start + len(piece)]
+            piece[: len(have)] = have
+            frame = av.AudioFrame.from_ndarray(piece[None], format="flt", layout="mono")
+            frame.sample_rate = self.sample_rate
+            frame.pts = start
+            frame.time_base = Fraction(1, self.sample_rate)
+            self._mux(self._audio_stream.encode(frame))
+        self._audio_done = max(self._audio_done, until)
+
+    def _mux(self, packets: Any) -> None:
+        for packet in packets:
+            self._container.mux(packet)
 
 
 def write_video(
@@ -52,50 +189,62 @@ def write_video(
     sample_rate: int = 16_000,
     crf: int = 18,
 ) -> None:
-    """Writes H.264 (yuv420p) video with an optional mono AAC track, atomically.
-
-    frames: (T, H, W, 3) uint8 RGB with even H and W. audio: (N,) float in [-1, 1]; it is
-    padded or trimmed to exactly T / fps seconds, because a muxer cut with `-shortest` can
-    drop video frames, and a long audio tail would make the two durations disagree.
-    """
+    """Writes `frames` (T, H, W, 3) uint8 RGB, even H and W, with an optional mono AAC
+    track, atomically: `VideoWriter` on an array held whole."""
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(
             f"{path}: frames must be (T, H, W, 3) uint8, got {frames.shape} {frames.dtype}"
         )
-    num_frames, height, width, _ = frames.shape
-    if height % 2 or width % 2:
-        raise ValueError(f"{path}: H.264 4:2:0 needs even frame sizes, got {width}x{height}")
-    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
-        video = container.add_stream("libx264", rate=fps)
-        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        video.options = {"crf": str(crf), "preset": "medium"}
-        audio_stream = None
-        if audio is not None:
-            audio_stream = container.add_stream("aac", rate=sample_rate)
-            audio_stream.layout = "mono"
-        for frame in frames:
-            for packet in video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in video.encode():
-            container.mux(packet)
-        if audio_stream is not None:
-            target = round(num_frames * sample_rate / fps)
-            samples = np.zeros(target, np.float32)
-            samples[: min(target, len(audio))] = np.asarray(audio, np.float32)[:target]
-            chunk = 1024  # one AAC frame per av.AudioFrame
-            for start in range(0, target, chunk):
-                piece = samples[start : start + chunk][None, :]
-                af = av.AudioFrame.from_ndarray(
-                    np.ascontiguousarray(piece), format="flt", layout="mono"
-                )
-                af.sample_rate = sample_rate
-                af.pts = start
-                af.time_base = Fraction(1, sample_rate)
-                for packet in audio_stream.encode(af):
-                    container.mux(packet)
-            for packet in audio_stream.encode():
-                container.mux(packet)
+    with VideoWriter(path, fps, audio, sample_rate, crf) as writer:
+        writer.write(frames)
+
+
+class FrameSpool:
+    """Same-size uint8 frames appended to an unnamed temporary file and read back by index.
+
+    For videos too long to hold: the pages live in the OS file cache, which does not count
+    towards (and is reclaimed before) process memory, and each read copies one frame into
+    a fresh array. The file disappears when the spool is closed or collected.
+    """
+
+    def __init__(self, directory: str | os.PathLike | None = None):
+        # Held open for the spool's life (closed by `close`); unnamed, so nothing is left
+        # behind even if the process dies.
+        self._file = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115
+        self.shape: tuple[int, ...] | None = None
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def append(self, frame: np.ndarray) -> None:
+        frame = np.ascontiguousarray(frame, np.uint8)
+        if self.shape is None:
+            self.shape = frame.shape
+        elif frame.shape != self.shape:
+            raise ValueError(f"spooled frames must all be {self.shape}, got {frame.shape}")
+        self._file.seek(self.count * frame.nbytes)
+        self._file.write(memoryview(frame).cast("B"))
+        self.count += 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not -self.count <= i < self.count:
+            raise IndexError(f"frame {i} of {self.count}")
+        out = np.empty(self.shape, np.uint8)
+        self._file.seek((i % self.count) * out.nbytes)
+        if self._file.readinto(memoryview(out).cast("B")) != out.nbytes:
+            raise OSError("the frame spool was truncated")
+        return out
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> FrameSpool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclasses.dataclass(frozen=True)

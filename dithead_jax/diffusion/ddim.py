@@ -61,9 +61,10 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from dithead_jax.diffusion.schedule import Prediction, Schedule, to_x0_and_eps
+from dithead_jax.diffusion.schedule import Prediction, Schedule
+from dithead_jax.diffusion.solvers import SOLVERS, history_size, solver_step
+from dithead_jax.sharding import batch_shards_in_context, constrain
 
 Array = jax.Array
 Mode = Literal["fixed", "noisy_same_step", "x0_same_step", "final"]
@@ -123,44 +124,6 @@ def ddim_timesteps(
     return steps
 
 
-def _alpha_bar(schedule: Schedule, t: Array, like: Array) -> Array:
-    """abar_t for (M,) timesteps where t = -1 means abar = 1, shaped to broadcast on `like`."""
-    t = jnp.asarray(t, jnp.int32)
-    abar = jnp.where(t >= 0, schedule.alphas_cumprod[jnp.maximum(t, 0)], 1.0)
-    return abar.reshape(abar.shape + (1,) * (like.ndim - abar.ndim)).astype(like.dtype)
-
-
-def ddim_step(
-    schedule: Schedule,
-    x_t: Array,
-    t: Array,
-    t_prev: Array,
-    model_output: Array,
-    prediction: Prediction,
-    eta: float | Array,
-    noise: Array,
-    clip_x0: float | None = None,
-) -> tuple[Array, Array]:
-    """One DDIM update x_t -> x_{t_prev} (Song et al., 2021, Eq. 12).
-
-    x_t, model_output, noise: (M, ...); t, t_prev: (M,) int, t_prev = -1 for the last step.
-    Returns (x_{t_prev}, x0_pred). eta = 0 is deterministic; eta = 1 is DDPM's posterior
-    variance for the skipped chain. With `clip_x0`, x0_pred is clamped to [-c, c] and eps
-    re-derived from it, as ADM does (off by default: VQGAN latents are not in [-1, 1]).
-    """
-    x0, eps = to_x0_and_eps(prediction, schedule, x_t, t, model_output)
-    abar_t = _alpha_bar(schedule, t, x_t)
-    abar_prev = _alpha_bar(schedule, t_prev, x_t)
-    if clip_x0 is not None:
-        x0 = jnp.clip(x0, -clip_x0, clip_x0)
-        eps = (x_t - jnp.sqrt(abar_t) * x0) / jnp.sqrt(1.0 - abar_t)
-    sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar_t)) * jnp.sqrt(1.0 - abar_t / abar_prev)
-    # max(., 0) guards eta > 1 and float round-off at abar_prev = 1.
-    direction = jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma**2, 0.0)) * eps
-    x_prev = jnp.sqrt(abar_prev) * x0 + direction + sigma * noise
-    return x_prev, x0
-
-
 # ---------------------------------------------------------------------------------------
 # Shared pieces of the three orders
 
@@ -185,10 +148,53 @@ def _step_noise(key: Array, video: Array, frame: Array, step: Array, shape: tupl
     return jax.vmap(one)(video, frame, step)
 
 
-class _Denoiser:
-    """One batched DiT call + DDIM update for M (video, frame, step) slots.
+def _pad_rows(a: Array, rows: int) -> Array:
+    """`a` (M, ...) padded to `rows` by repeating its last row (valid model inputs)."""
+    extra = rows - a.shape[0]
+    xp = np if isinstance(a, np.ndarray) else jnp  # static flags stay concrete
+    return a if extra == 0 else xp.concatenate([a, xp.repeat(a[-1:], extra, axis=0)])
 
-    Holds the static options so the three orders share the exact same arithmetic.
+
+def _slot_rows(x: Array) -> Array:
+    """Pin a (M, ...) slot batch to the mesh's batch axes (identity without a mesh)."""
+    return constrain(x, ("activation_batch",) + (None,) * (x.ndim - 1))
+
+
+def _model_rows(model_fn: ModelFn, max_batch: int | None, *args: Array) -> Array:
+    """model_fn over M rows, at most `max_batch` rows per call (a `lax.map` over chunks), the
+    rows split over the mesh's batch axes.
+
+    Rows are padded (repeats of the last) to a multiple of the batch shards and of the chunk,
+    so every device holds the same share and every chunk has one shape; the padding is
+    computed and dropped. Memory per call is then bounded by `max_batch` whatever the clip
+    length: a wavefront of 250 slots holds ~16 GiB of f32 attention scores in one call.
+    """
+    m = args[0].shape[0]
+    shards = batch_shards_in_context()
+    chunk = m if max_batch is None else min(m, max_batch)
+    chunk = -(-chunk // shards) * shards
+    count = -(-m // chunk)
+    padded = [_pad_rows(a, count * chunk) for a in args]
+
+    def call(rows: list[Array]) -> Array:
+        return _slot_rows(model_fn(*(_slot_rows(a) for a in rows)))
+
+    if count == 1:
+        return call(padded)[:m]
+    # Chunk c takes rows c, c + count, c + 2 count, ...: each device's contiguous block of
+    # rows then holds its share of every chunk, and no row moves between devices (taking
+    # contiguous chunks would all-to-all every chunk's rows onto the mesh).
+    stacked = [jnp.swapaxes(a.reshape((chunk, count) + a.shape[1:]), 0, 1) for a in padded]
+    out = jax.lax.map(call, stacked)
+    return jnp.swapaxes(out, 0, 1).reshape((count * chunk,) + out.shape[2:])[:m]
+
+
+class _Denoiser:
+    """One batched DiT call + solver update for M (video, frame, step) slots.
+
+    Holds the static options so the three orders share the exact same arithmetic. Frame
+    numbers are global (`frame_offset` added) so a clip sampled in chunks draws the same
+    noise as in one piece.
     """
 
     def __init__(
@@ -202,6 +208,9 @@ class _Denoiser:
         clip_x0: float | None,
         step_key: Array,
         guidance: float | Array = 1.0,
+        solver: str = "ddim",
+        max_batch: int | None = None,
+        frame_offset: int | Array = 0,
     ):
         self.model_fn = model_fn
         self.schedule = schedule
@@ -212,19 +221,32 @@ class _Denoiser:
         self.clip_x0 = clip_x0
         self.step_key = step_key
         self.guidance = guidance
+        self.solver = solver
+        self.max_batch = max_batch
+        self.frame_offset = frame_offset
 
     def model_output(self, x: Array, t: Array, audio: Array) -> Array:
         """The (guided) raw output for x (M, h, w, 3C): (M, h, w, C_out)."""
         w = self.guidance
         if isinstance(w, int | float) and w == 1:
-            return self.model_fn(x, t, audio)
+            return _model_rows(self.model_fn, self.max_batch, x, t, audio)
         m = x.shape[0]
-        drop = np.arange(2 * m) >= m  # rows M..2M-1: the same slots with the null audio
-        both = self.model_fn(
-            jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([audio, audio]), drop
+        # Rows M..2M-1: the same slots with the null audio.
+        drop = np.arange(2 * m) >= m
+        both = _model_rows(
+            self.model_fn,
+            self.max_batch,
+            jnp.concatenate([x, x]),
+            jnp.concatenate([t, t]),
+            jnp.concatenate([audio, audio]),
+            drop,
         )
         cond, uncond = both[:m], both[m:]
         return uncond + jnp.asarray(w, uncond.dtype) * (cond - uncond)
+
+    def empty_history(self, like: Array) -> tuple[Array, ...]:
+        """The solver's per-frame history buffers, shaped like `like` (zeros at step 0)."""
+        return tuple(jnp.zeros_like(like) for _ in range(history_size(self.solver)))
 
     def __call__(
         self,
@@ -235,63 +257,28 @@ class _Denoiser:
         video: Array,
         frame: Array,
         step: Array,
-    ) -> tuple[Array, Array]:
-        """x, masked, reference (M, h, w, C); audio (M, window, dim); video/frame/step (M,).
+        history: tuple[Array, ...],
+    ) -> tuple[Array, Array, tuple[Array, ...]]:
+        """x, masked, reference (M, h, w, C); audio (M, window, dim); video/frame/step (M,);
+        history: the solver's buffers for these slots' frames (M, h, w, C) each.
 
-        Returns (x at the next timestep, x0 estimate), both (M, h, w, C).
-        """
-        t, t_prev = self.taus[step], self.taus[step + 1]
+        Returns (x at the next timestep, x0 estimate, history for the next step)."""
+        t = self.taus[step]
         out = self.model_output(jnp.concatenate([x, masked, reference], axis=-1), t, audio)
         out = out[..., : x.shape[-1]].astype(x.dtype)  # learn_sigma: keep the mean half
-        if isinstance(self.eta, int | float) and self.eta == 0:
-            noise = jnp.zeros_like(x)  # skip the RNG work: sigma is 0 anyway
-        else:
+        noise = None  # DDIM at eta = 0 skips the RNG work: sigma is 0 anyway
+        if not (isinstance(self.eta, int | float) and self.eta == 0):
+            frame = frame + self.frame_offset
             noise = _step_noise(self.step_key, video, frame, step, x.shape[1:])
-        return ddim_step(
-            self.schedule, x, t, t_prev, out, self.prediction, self.eta, noise, self.clip_x0
-        )
+        return solver_step(
+            self.solver, self.schedule, self.taus, x, out, step, history,
+            prediction=self.prediction, eta=self.eta, noise=noise, clip_x0=self.clip_x0,
+        )  # fmt: skip
 
 
 def _flat(x: Array) -> Array:
     """(B, F, ...) -> (B*F, ...)."""
     return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
-
-
-def _setup(
-    model_fn: ModelFn,
-    schedule: Schedule,
-    masked: Array,
-    rng: Array,
-    num_steps: int,
-    eta: float | Array,
-    prediction: Prediction,
-    spacing: Spacing,
-    clip_x0: float | None,
-    guidance: float | Array = 1.0,
-) -> tuple[_Denoiser, Array]:
-    """The shared denoiser and the initial noise (B, N, h, w, C)."""
-    impl = str(jax.random.key_impl(rng))
-    if impl != "threefry2x32":
-        warnings.warn(
-            f"{impl} keys are not vmap-invariant: the sampling orders will draw different "
-            "noise (use jax.random.key's default threefry for order-independent results)",
-            stacklevel=3,
-        )
-    init_key, step_key = jax.random.split(rng)
-    timesteps = ddim_timesteps(schedule.num_timesteps, num_steps, spacing)
-    denoise = _Denoiser(
-        model_fn,
-        schedule,
-        timesteps,
-        eta=eta,
-        prediction=prediction,
-        clip_x0=clip_x0,
-        step_key=step_key,
-        guidance=guidance,
-    )
-    b, n = masked.shape[:2]
-    x_init = _initial_noise(init_key, b, jnp.arange(n), masked.shape[2:]).astype(masked.dtype)
-    return denoise, x_init
 
 
 def num_model_calls(order: Order, num_frames: int, num_steps: int) -> int:
@@ -304,83 +291,49 @@ def num_model_calls(order: Order, num_frames: int, num_steps: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# The three orders
+# The three orders. Each takes the denoiser, the initial noise x_init (B, N, h, w, C), the
+# conditions, frame 0's reference at every step `refs0` (B, S, h, w, C) and the frame whose
+# references a next chunk continues from (`carry`, traced); each returns the clean latents
+# and that frame's references for its successor at every step (B, S, h, w, C).
 
 
-def sample_video_nested(
-    model_fn: ModelFn,
-    schedule: Schedule,
-    masked: Array,
-    audio: Array,
-    first_reference: Array,
-    rng: Array,
-    *,
-    num_steps: int,
-    eta: float | Array = 0.0,
-    mode: Mode = "x0_same_step",
-    prediction: Prediction = "epsilon",
-    spacing: Spacing = "uniform",
-    clip_x0: float | None = None,
-    guidance: float | Array = 1.0,
-) -> Array:
-    """Frame by frame, step by step: N*S calls of batch B. The reference order; any mode.
-
-    masked (B, N, h, w, C), audio (B, N, window, dim), first_reference (B, h, w, C)
-    -> (B, N, h, w, C) clean latents.
-    """
-    _check_mode(mode)
-    denoise, x_init = _setup(
-        model_fn, schedule, masked, rng, num_steps, eta, prediction, spacing, clip_x0, guidance
-    )
+def _nested(denoise, x_init, masked, audio, refs0, mode, carry):
+    """Frame by frame, step by step: N*S calls of batch B. The reference order; any mode."""
     b, n = masked.shape[:2]
+    s = refs0.shape[1]
     videos = jnp.arange(b)
-    z_r0 = first_reference.astype(masked.dtype)
-    # refs[k] = the reference the current frame uses at step k; (S, B, h, w, C).
-    refs0 = jnp.broadcast_to(z_r0, (num_steps,) + z_r0.shape)
 
-    def frame_body(i: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
-        out, refs = carry
-        masked_i = jnp.take(masked, i, axis=1)
-        audio_i = jnp.take(audio, i, axis=1)
+    def frame_body(i, state):
+        out, refs, kept = state
+        masked_i, audio_i = jnp.take(masked, i, axis=1), jnp.take(audio, i, axis=1)
         frame = jnp.full((b,), i, jnp.int32)
 
-        def step_body(k: Array, c: tuple[Array, Array]) -> tuple[Array, Array]:
-            x, trajectory = c
+        def step_body(k, c):
+            x, history, trajectory = c
             step = jnp.full((b,), k, jnp.int32)
-            x_next, x0 = denoise(x, masked_i, refs[k], audio_i, videos, frame, step)
+            x_next, x0, history = denoise(
+                x, masked_i, refs[:, k], audio_i, videos, frame, step, history
+            )
             # What frame i+1 will see at step k, for the same-step modes.
             seen = x if mode == "noisy_same_step" else x0
-            return x_next, trajectory.at[k].set(seen)
+            return x_next, history, trajectory.at[:, k].set(seen)
 
-        x_final, trajectory = jax.lax.fori_loop(
-            0, num_steps, step_body, (jnp.take(x_init, i, axis=1), jnp.zeros_like(refs))
+        x0_i = jnp.take(x_init, i, axis=1)
+        x_final, _, trajectory = jax.lax.fori_loop(
+            0, s, step_body, (x0_i, denoise.empty_history(x0_i), jnp.zeros_like(refs))
         )
         if mode in ("noisy_same_step", "x0_same_step"):
             refs = trajectory
         elif mode == "final":
-            refs = jnp.broadcast_to(x_final, refs.shape)
-        return out.at[:, i].set(x_final), refs
+            refs = jnp.broadcast_to(x_final[:, None], refs.shape)
+        kept = jnp.where(i == carry, refs, kept)
+        return out.at[:, i].set(x_final), refs, kept
 
-    out, _ = jax.lax.fori_loop(0, n, frame_body, (jnp.zeros_like(masked), refs0))
-    return out
+    out, _, kept = jax.lax.fori_loop(0, n, frame_body, (jnp.zeros_like(x_init), refs0, refs0))
+    return out, kept
 
 
-def sample_video_wavefront(
-    model_fn: ModelFn,
-    schedule: Schedule,
-    masked: Array,
-    audio: Array,
-    first_reference: Array,
-    rng: Array,
-    *,
-    num_steps: int,
-    eta: float | Array = 0.0,
-    mode: Mode = "x0_same_step",
-    prediction: Prediction = "epsilon",
-    spacing: Spacing = "uniform",
-    clip_x0: float | None = None,
-    guidance: float | Array = 1.0,
-) -> Array:
+def _wavefront(denoise, x_init, masked, audio, refs0, mode, carry):
     """Anti-diagonals of the (frame, step) grid: N+S-1 calls of batch B*min(N, S).
 
     Diagonal d = 0 .. N+S-2 runs frame i at step k = d - i for every active frame
@@ -388,119 +341,101 @@ def sample_video_wavefront(
     start .. start+W-1 with start = min(max(0, d-S+1), N-W) (fixed shape: compiles once);
     slots whose k falls outside [0, S) compute on stale inputs and are masked away. A frame
     reads its reference from a buffer its predecessor wrote on diagonal d-1 (its input x
-    or its x0 at step k) and writes its own for its successor on diagonal d+1. Shapes as
-    `sample_video_nested`.
+    or its x0 at step k) and writes its own for its successor on diagonal d+1; frame 0
+    reads refs0 at its step. The solver history is per frame and windowed like x.
     """
-    _check_mode(mode)
-    if mode == "final":
-        raise ValueError("mode 'final' is strictly sequential; use sample_video_nested")
-    denoise, x_init = _setup(
-        model_fn, schedule, masked, rng, num_steps, eta, prediction, spacing, clip_x0, guidance
-    )
     b, n = masked.shape[:2]
-    s = num_steps
+    s = refs0.shape[1]
     w = min(n, s)
-    z_r0 = first_reference.astype(masked.dtype)
-    # source[:, i] is the reference of frame i at the step it takes next: slot 0 is z_r0;
-    # slot i+1 is what frame i wrote on the previous diagonal (its input x or its x0).
-    source = jnp.concatenate(
-        [z_r0[:, None], jnp.broadcast_to(z_r0[:, None], (b, n) + z_r0.shape[1:])], axis=1
-    )
+    # source[:, i+1] is what frame i wrote on the previous diagonal (its input x or its
+    # x0); source[:, 0] is unused (frame 0 reads refs0).
+    source = jnp.concatenate([refs0[:, :1], jnp.zeros_like(x_init)], axis=1)
+    history = tuple(jnp.zeros_like(x_init) for _ in denoise.empty_history(x_init))
     videos = jnp.repeat(jnp.arange(b), w)  # flat slot (b, j) -> video b
+    keep_shape = (1, w) + (1,) * (x_init.ndim - 2)
 
-    def diagonal_body(d: Array, carry: tuple[Array, Array]) -> tuple[Array, Array]:
-        x, source = carry
+    def diagonal_body(d, state):
+        x, source, history, kept = state
         # Frames lo..hi are active on this diagonal (hi - lo < W); slide the window so it
         # covers them and stays inside [0, N).
-        lo = jnp.maximum(0, d - s + 1)
-        start = jnp.minimum(lo, n - w)
+        start = jnp.minimum(jnp.maximum(0, d - s + 1), n - w)
         frames = start + jnp.arange(w)
         steps = d - frames
         valid = (steps >= 0) & (steps < s)  # (W,)
         steps = jnp.clip(steps, 0, s - 1)
 
-        def window(a: Array, offset: Array = start) -> Array:
+        def window(a, offset=start):
             return jax.lax.dynamic_slice_in_dim(a, offset, w, axis=1)
 
         xs = window(x)  # (B, W, h, w, C)
-        x_next, x0 = denoise(
-            _flat(xs),
-            _flat(window(masked)),
-            _flat(window(source)),  # frame i reads source[:, i], written by frame i-1
-            _flat(window(audio)),
-            videos,
-            jnp.tile(frames, b),
-            jnp.tile(steps, b),
-        )
-        keep = valid.reshape((1, w) + (1,) * (xs.ndim - 2))
-        x_next = jnp.where(keep, x_next.reshape(xs.shape), xs)
-        seen = xs if mode == "noisy_same_step" else x0.reshape(xs.shape)
+        if mode == "fixed":
+            refs = jnp.take(refs0, steps, axis=1)
+        else:
+            refs = window(source)  # frame i reads source[:, i], written by frame i-1
+            first = jnp.take(refs0, steps[0], axis=1)  # frame 0's reference at its step
+            refs = refs.at[:, 0].set(jnp.where(start == 0, first, refs[:, 0]))
+        x_next, x0, new_history = denoise(
+            _flat(xs), _flat(window(masked)), _flat(refs), _flat(window(audio)),
+            videos, jnp.tile(frames, b), jnp.tile(steps, b),
+            tuple(_flat(window(h)) for h in history),
+        )  # fmt: skip
+        keep = valid.reshape(keep_shape)
+
+        def masked_update(buffer, new, offset=start):
+            new = jnp.where(keep, new.reshape(xs.shape), window(buffer, offset))
+            return jax.lax.dynamic_update_slice_in_dim(buffer, new, offset, axis=1)
+
+        history = tuple(masked_update(h, new) for h, new in zip(history, new_history, strict=True))
         if mode != "fixed":
-            seen = jnp.where(keep, seen, window(source, start + 1))
-            source = jax.lax.dynamic_update_slice_in_dim(source, seen, start + 1, axis=1)
-        x = jax.lax.dynamic_update_slice_in_dim(x, x_next, start, axis=1)
-        return x, source
+            seen = xs if mode == "noisy_same_step" else x0
+            source = masked_update(source, seen, start + 1)
+            # The carried frame's offer to its successor, at the step it took just now.
+            k = d - carry
+            offered = jnp.take(source, carry + 1, axis=1)[:, None]
+            at_k = jax.lax.dynamic_update_slice_in_dim(kept, offered, jnp.clip(k, 0, s - 1), 1)
+            kept = jnp.where((k >= 0) & (k < s), at_k, kept)
+        return masked_update(x, x_next), source, history, kept
 
-    x, _ = jax.lax.fori_loop(0, n + s - 1, diagonal_body, (x_init, source))
-    return x
+    init = (x_init, source, history, refs0)
+    x, _, _, kept = jax.lax.fori_loop(0, n + s - 1, diagonal_body, init)
+    return x, kept
 
 
-def sample_video_parallel(
-    model_fn: ModelFn,
-    schedule: Schedule,
-    masked: Array,
-    audio: Array,
-    first_reference: Array,
-    rng: Array,
-    *,
-    num_steps: int,
-    eta: float | Array = 0.0,
-    mode: Mode = "fixed",
-    prediction: Prediction = "epsilon",
-    spacing: Spacing = "uniform",
-    clip_x0: float | None = None,
-    guidance: float | Array = 1.0,
-) -> Array:
+def _parallel(denoise, x_init, masked, audio, refs0, mode, carry):
     """Every frame takes step k in the same call: S calls of batch B*N.
 
     Valid where frame i's reference at step k is known before any frame takes step k:
-    "fixed" (z_r0) and "noisy_same_step" (x_{i-1}^k). Shapes as `sample_video_nested`.
-    """
-    _check_mode(mode)
-    if mode not in ("fixed", "noisy_same_step"):
-        raise ValueError(f"mode {mode!r} needs frame i-1's step-k output: use the wavefront")
-    denoise, x_init = _setup(
-        model_fn, schedule, masked, rng, num_steps, eta, prediction, spacing, clip_x0, guidance
-    )
+    "fixed" (z_r0) and "noisy_same_step" (x_{i-1}^k)."""
     b, n = masked.shape[:2]
-    z_r0 = first_reference.astype(masked.dtype)[:, None]
+    s = refs0.shape[1]
     videos = jnp.repeat(jnp.arange(b), n)
     frames = jnp.tile(jnp.arange(n), b)
 
-    def step_body(k: Array, x: Array) -> Array:
+    def step_body(k, state):
+        x, history, kept = state
+        first = jnp.take(refs0, k, axis=1)[:, None]
         if mode == "fixed":
-            refs = jnp.broadcast_to(z_r0, x.shape)
+            refs = jnp.broadcast_to(first, x.shape)
         else:
-            refs = jnp.concatenate([z_r0, x[:, :-1]], axis=1)
+            refs = jnp.concatenate([first, x[:, :-1]], axis=1)
+            kept = kept.at[:, k].set(jnp.take(x, carry, axis=1))
         step = jnp.full((b * n,), k, jnp.int32)
-        x_next, _ = denoise(
-            _flat(x), _flat(masked), _flat(refs), _flat(audio), videos, frames, step
+        x_next, _, history = denoise(
+            _flat(x), _flat(masked), _flat(refs), _flat(audio), videos, frames, step, history
         )
-        return x_next.reshape(x.shape)
+        return x_next.reshape(x.shape), history, kept
 
-    return jax.lax.fori_loop(0, num_steps, step_body, x_init)
+    history = denoise.empty_history(_flat(x_init))
+    x, _, kept = jax.lax.fori_loop(0, s, step_body, (x_init, history, refs0))
+    return x, kept
+
+
+_ORDERS = {"nested": _nested, "wavefront": _wavefront, "parallel": _parallel}
 
 
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown reference mode {mode!r}; choose from {MODES}")
-
-
-_SAMPLERS = {
-    "nested": sample_video_nested,
-    "wavefront": sample_video_wavefront,
-    "parallel": sample_video_parallel,
-}
 
 
 def resolve_order(mode: Mode, order: Order = "auto") -> str:
@@ -513,7 +448,7 @@ def resolve_order(mode: Mode, order: Order = "auto") -> str:
     return order
 
 
-def sample_video(
+def sample_video_chunk(
     model_fn: ModelFn,
     schedule: Schedule,
     masked: Array,
@@ -529,8 +464,71 @@ def sample_video(
     clip_x0: float | None = None,
     order: Order = "auto",
     guidance: float | Array = 1.0,
+    solver: str = "ddim",
+    max_batch: int | None = None,
+    frame_offset: int | Array = 0,
+    carry_frame: int | Array | None = None,
+) -> tuple[Array, Array]:
+    """`sample_video` on frames frame_offset .. frame_offset+N-1 of a longer clip.
+
+    first_reference: (B, h, w, C) z_r0, or (B, S, h, w, C) frame 0's reference at every
+    step (what the previous chunk's `references` output offers it). Returns (latents
+    (B, N, h, w, C), references (B, S, h, w, C)): the references frame `carry_frame`
+    (default N-1; traced, so padded chunks compile once) offers its successor, to pass as
+    the next chunk's `first_reference` with frame_offset advanced by carry_frame + 1. The
+    chunks then equal one whole-clip call (to float reassociation). In "fixed" mode the
+    references stay z_r0 throughout.
+    """
+    _check_mode(mode)
+    run = _ORDERS[resolve_order(mode, order)]
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose from {SOLVERS}")
+    impl = str(jax.random.key_impl(rng))
+    if impl != "threefry2x32":
+        warnings.warn(
+            f"{impl} keys are not vmap-invariant: the sampling orders will draw different "
+            "noise (use jax.random.key's default threefry for order-independent results)",
+            stacklevel=3,
+        )
+    init_key, step_key = jax.random.split(rng)
+    denoise = _Denoiser(
+        model_fn,
+        schedule,
+        ddim_timesteps(schedule.num_timesteps, num_steps, spacing),
+        eta=eta,
+        prediction=prediction,
+        clip_x0=clip_x0,
+        step_key=step_key,
+        guidance=guidance,
+        solver=solver,
+        max_batch=max_batch,
+        frame_offset=frame_offset,
+    )
+    b, n = masked.shape[:2]
+    frames = frame_offset + jnp.arange(n)
+    x_init = _initial_noise(init_key, b, frames, masked.shape[2:]).astype(masked.dtype)
+    refs0 = first_reference.astype(masked.dtype)
+    if refs0.ndim == masked.ndim - 1:
+        refs0 = jnp.broadcast_to(refs0[:, None], (b, num_steps) + refs0.shape[1:])
+    if refs0.shape != (b, num_steps) + masked.shape[2:]:
+        raise ValueError(
+            f"first_reference {first_reference.shape} is neither (B, h, w, C) nor "
+            f"(B, {num_steps} steps, h, w, C) for latents {masked.shape}"
+        )
+    carry = jnp.asarray(n - 1 if carry_frame is None else carry_frame, jnp.int32)
+    return run(denoise, x_init, masked, audio, refs0, mode, carry)
+
+
+def sample_video(
+    model_fn: ModelFn,
+    schedule: Schedule,
+    masked: Array,
+    audio: Array,
+    first_reference: Array,
+    rng: Array,
+    **options: Any,
 ) -> Array:
-    """DDIM-sample B videos of N frames with a progressive reference (see module docstring).
+    """Sample B videos of N frames with a progressive reference (see module docstring).
 
     masked (B, N, h, w, C)        z_m: latents of the masked frames
     audio (B, N, window, dim)     each frame's audio window
@@ -538,52 +536,15 @@ def sample_video(
     rng                           a key; randomness depends on (rng, video, frame, step)
     -> (B, N, h, w, C)            clean latents, for the decoder D
 
-    Defaults follow the paper (250 steps, eta = 0). `eta` may be a traced scalar (one
-    compile for every eta; the noise is then always drawn). `order` picks the schedule
-    (`auto`: parallel for fixed / noisy_same_step, wavefront for x0_same_step, nested for
-    final). `guidance` w: classifier-free guidance on audio (1 = off; needs a model_fn
-    taking `drop_audio`, i.e. a DiT with null audio; each call then runs 2x the rows).
-    Traceable: call it inside `jax.jit` (see `make_dit_sampler`).
+    Options (static unless said): num_steps (250, the paper's), eta (0; may be a traced
+    scalar: one compile for every eta, the noise then always drawn), mode, prediction,
+    spacing, clip_x0, order (`auto`: parallel for fixed / noisy_same_step, wavefront for
+    x0_same_step, nested for final), guidance w (classifier-free guidance on audio, 1 = off;
+    needs a model_fn taking `drop_audio`; each call then runs 2x the rows), solver ("ddim",
+    "dpmpp_2m", "unipc": `solvers.py`), max_batch (rows per DiT call, None = all). Traceable:
+    call it inside `jax.jit` (see `diffusion/sampler.py`).
     """
-    sampler = _SAMPLERS[resolve_order(mode, order)]
-    return sampler(
-        model_fn,
-        schedule,
-        masked,
-        audio,
-        first_reference,
-        rng,
-        num_steps=num_steps,
-        eta=eta,
-        mode=mode,
-        prediction=prediction,
-        spacing=spacing,
-        clip_x0=clip_x0,
-        guidance=guidance,
-    )
-
-
-def make_dit_sampler(
-    model: nnx.Module, schedule: Schedule, **options: Any
-) -> Callable[[Array, Array, Array, Array], Array]:
-    """A jitted `(masked, audio, first_reference, rng) -> latents` for an NNX denoiser.
-
-    `nnx.split` happens once here; the parameters enter the jitted function as an argument
-    (not baked-in constants), and the merge happens inside the trace, so a call costs one
-    dispatch however many steps the sampler loops over. `options` are `sample_video`'s
-    keyword arguments (static).
-    """
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def run(state, schedule, masked, audio, first_reference, rng):
-        denoiser = nnx.merge(graphdef, state)
-        return sample_video(denoiser, schedule, masked, audio, first_reference, rng, **options)
-
-    def sampler(masked: Array, audio: Array, first_reference: Array, rng: Array) -> Array:
-        return run(state, schedule, masked, audio, first_reference, rng)
-
-    return sampler
+    return sample_video_chunk(model_fn, schedule, masked, audio, first_reference, rng, **options)[0]
 
 
 def dit_calls_per_clip(order: Order, num_frames: int, num_steps: int) -> dict[str, int]:

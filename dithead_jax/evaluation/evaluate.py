@@ -58,6 +58,17 @@ class EvalOptions:
     guidance: tuple[float, ...] = (1.0,)
     # LSE without syncnet_v2's weights: a trained sync expert's workdir (sync_expert.py).
     sync_expert: Path | None = None
+    # How faces are generated besides steps / mode / guidance (solver, spacing, precision,
+    # memory bounds): a sampling.InferenceOptions (None: its defaults).
+    inference: Any = None
+
+
+def _sampler_settings(inference: Any) -> dict[str, Any]:
+    """The report's record of how faces were sampled, beyond steps and modes."""
+    from dithead_jax.sampling import InferenceOptions
+
+    inference = inference or InferenceOptions()
+    return {"solver": inference.solver, "spacing": inference.spacing, "dtype": inference.dtype}
 
 
 def variants(options: EvalOptions) -> list[tuple[str, str, float]]:
@@ -315,14 +326,15 @@ def _score_clip(
         started = time.perf_counter()
         fakes[name] = generate_faces(
             models, clip.masked, clip.audio, reference,
-            steps=options.steps, mode=mode, seed=options.seed, guidance=w,
-            landmarks=clip.landmarks,
+            options=options.inference, steps=options.steps, mode=mode, guidance=w,
+            seed=options.seed, landmarks=clip.landmarks,
         )  # fmt: skip
         out["seconds"][name] = (time.perf_counter() - started) / len(fakes[name])
         if expert is not None:
             control = generate_faces(
                 models, clip.masked, clip.audio[shuffle], reference,
-                steps=options.steps, mode=mode, seed=options.seed, guidance=w,
+                options=options.inference, steps=options.steps, mode=mode, guidance=w,
+            seed=options.seed,
                 landmarks=clip.landmarks,
             )  # fmt: skip
             out["measured"][name] = expert.predict(fakes[name], clip.landmarks)
@@ -505,6 +517,7 @@ def _report(
         "clips": len(clips),
         "steps": options.steps,
         "modes": ", ".join(options.modes),
+        **_sampler_settings(options.inference),
         "seed": options.seed,
     }
     if options.guidance != (1.0,):
