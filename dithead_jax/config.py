@@ -175,8 +175,10 @@ class DiTConfig:
     # landmarks (data/encode_latents.py writes them).
     landmark_tokens: bool = False
     learn_sigma: bool = False
-    # None | "auto" | "xla" | "cudnn" | "splash" (layers.resolve_attention): "auto" is cuDNN
-    # flash attention on GPU in bf16, the Pallas splash kernel on TPU, XLA elsewhere.
+    # None | "auto" | "xla" | "cudnn" | "splash" | "blockwise" (layers.resolve_attention):
+    # "auto" is cuDNN flash attention on GPU in bf16, the Pallas splash kernel on TPU, XLA
+    # elsewhere; "blockwise" is the pure-JAX flash-style attention with a custom VJP (no
+    # (L, L) scores in either pass; the fastest self-attention on CPU, any dtype/backend).
     attention_impl: str | None = None
     remat_policy: str = "none"  # "none" | "full" | "dots_saveable" | ...
     scan_layers: bool = False

@@ -68,7 +68,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="timestep spacing (default: the preset's, uniform)")  # fmt: skip
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="the DiT's compute dtype (weights stay as trained)")  # fmt: skip
-    p.add_argument("--attention-impl", choices=("auto", "xla", "cudnn", "splash"),
+    p.add_argument("--attention-impl", choices=("auto", "xla", "cudnn", "splash", "blockwise"),
                    help="override the run's attention kernel")  # fmt: skip
     p.add_argument("--max-batch", type=int, default=256,
                    help="DiT rows per call: bounds memory whatever the clip length")  # fmt: skip

@@ -536,7 +536,8 @@ def _report(
         "metrics_composited": _table(first, "composited_", clips, with_fid, lse_composited),
         "unavailable": unavailable,
         "clips": rows,
-        "modes": per_mode if len(names) > 1 else None,
+        # Per mode (one or several): its summary, sync, flicker and s/frame.
+        "modes": per_mode,
         # LSE of the real frames with their own audio: what the expert reads at best.
         "lse_real": _mean_lse([c["lse_real"] for c in clips]) if "lse_real" in clips[0] else None,
         # The same scores for the frame VQGAN's round trips of the real frames.

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from dithead_jax import sharding
+from dithead_jax.models import blockwise_attention as blockwise
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -240,14 +241,18 @@ class Attention(nnx.Module):
         impl = resolve_attention(self.implementation, q.dtype, self_attention=not self.is_cross)
         if impl == "splash" and q.shape[1] % _SPLASH_BLOCK:
             impl = "xla"  # the kernel tiles the sequence in blocks of 128
+        if impl == "blockwise" and k.shape[1] <= blockwise.BLOCK_K:
+            impl = "xla"  # one key block: the plain path holds no bigger scores
         if impl == "splash":
             attended = splash_attention(q, k, v)
+        elif impl == "blockwise":
+            attended = blockwise.blockwise_attention(q, k, v)
         else:
             attended = jax.nn.dot_product_attention(q, k, v, implementation=impl)
         return self.out(attended)
 
 
-ATTENTION_IMPLS = (None, "auto", "xla", "cudnn", "splash")
+ATTENTION_IMPLS = (None, "auto", "xla", "cudnn", "splash", "blockwise")
 _SPLASH_BLOCK = 128
 
 
@@ -262,11 +267,13 @@ def resolve_attention(
     backend, `platform` overriding it) for the self-attention: cuDNN flash attention on GPU
     in bf16/fp16 (cuDNN has no f32 kernel), the Pallas splash kernel on TPU, XLA otherwise.
     The audio cross-attention has 12 keys (or 1), below any kernel's block and ~1% of the
-    attention FLOPs: XLA under "auto", and also when "splash" is asked for.
+    attention FLOPs: XLA under "auto", and also when "splash" or "blockwise" is asked for.
+    "blockwise" is the pure-JAX flash-style attention (models/blockwise_attention.py: no
+    (L, L) buffers, forward or backward) for any backend; "auto" never picks it.
     None leaves the choice to `jax.nn.dot_product_attention` (XLA today)."""
     if implementation not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl {implementation!r}: choose from {ATTENTION_IMPLS}")
-    if implementation in ("auto", "splash") and not self_attention:
+    if implementation in ("auto", "splash", "blockwise") and not self_attention:
         return "xla"
     if implementation != "auto":
         return implementation
