@@ -47,9 +47,14 @@ orders agree exactly, and frame i does not depend on N or on B. This needs a vma
 key: threefry (`jax.random.key`'s default). "rbg" keys draw different bits under vmap of a
 different size, so with them the orders disagree; `sample_video` warns.
 
-Everything is traceable with static options; jit the caller (see `make_dit_sampler`, which
-does `nnx.split` once and a plain `jax.jit`: `nnx.jit` would re-walk the module graph in
-Python on every call).
+Long clips run in chunks of frames (`sample_video_chunk`): each chunk starts from the
+references the previous chunk's last frame offered at every step, and keys its noise by the
+global frame, so chunks equal one call. The update itself is a per-slot solver
+(`solvers.py`: DDIM, DPM-Solver++(2M), UniPC), its history carried per frame.
+
+Everything is traceable with static options; jit the caller (`diffusion/sampler.py`'s
+`DiTSampler` does `nnx.split` once and a plain `jax.jit` on a mesh: `nnx.jit` would re-walk
+the module graph in Python on every call).
 """
 
 from __future__ import annotations
