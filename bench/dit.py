@@ -217,6 +217,7 @@ def peer_side_by_side(models, size: str, args: argparse.Namespace) -> dict:
     record = {"bench": "dit_vs_peer", "model": f"DiT-{size.replace('_', '/')}",
               "attention_impl": args.attention_impl, "tokens": 1024, "batch": args.batch,
               "repeats": args.repeats, "torch": torch.__version__, "torch_threads": 2,
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
               "params_M": {"ours": ours["params_M"], "peer": peer["params_M"]}}  # fmt: skip
     for mode, factor in (("fwd", 1), ("step", 3)):
         entry = {}

@@ -14,11 +14,13 @@ What it measures (f32, 1024 tokens, --batch, torch at 2 threads; compile / warm-
                     or costs. Isolated parts run without the step's neighbours, so the
                     numbers are estimates, not a partition.
   ours.trace        a jax.profiler trace of --steps train steps (first impl) written to
-                    --out/jax (open with TensorBoard / Perfetto) and its XLA:CPU thunk
-                    events summed by name per step. XLA:CPU names thunks by kind
-                    (e.g. "ynn_fusion", a YNNPACK dot fusion), not per HLO instruction, so
-                    this table is by kind; `hlo_ops` counts the compiled step's HLO by
-                    opcode (and fusions holding a dot) for context.
+                    --out/jax (open with TensorBoard / Perfetto); its XLA:CPU thunk events
+                    (one per HLO fusion / op, e.g. "ynn_fusion.628", a YNNPACK dot fusion)
+                    in seconds per step summed over threads: `by_kind` (numeric suffix
+                    dropped), `top_thunks` with the JAX op_name of the fused root (the
+                    compiled HLO's metadata; "transpose(...)" = backward). The wrapper
+                    events that nest them (ThunkExecutor::Execute) are reported apart.
+                    `hlo_ops` counts the compiled step's entry opcodes and dot fusions.
   peer.top_ops      torch.profiler key_averages() of --steps peer train steps (its
                     train.py: forward, MSE, backward, AdamW, EMA), top --top ops by self CPU
                     time, ms per step; the table also goes to --out/torch_ops.txt.
@@ -31,6 +33,7 @@ import collections
 import copy
 import glob
 import json
+import os
 import re
 import sys
 import time
@@ -58,8 +61,16 @@ def load_peer(peer_dir: str):
     fails to load and the import then stops registering fakes for two ops nobody defined,
     `torchvision::nms` / `qnms`: their schemas are defined here (never called) and the
     import retried. E.g. `pip install --no-deps --target DIR/deps torchvision==0.28.0`, then
-    PYTHONPATH=DIR/deps; timm from PyPI."""
+    PYTHONPATH=DIR/deps; timm from PyPI.
+
+    Sets OMP_WAIT_POLICY=PASSIVE unless set (before torch loads its OpenMP runtime): with
+    the default, torch's idle OpenMP threads spin and, alternating in one process on 2
+    cores, slowed JAX's forward 1.7x and the peer's own step 4x; PASSIVE cost the peer
+    alone ~4% here."""
     global _TORCHVISION_STUB_OPS
+    if "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
+        print("warning: torch already loaded; OMP_WAIT_POLICY unset", file=sys.stderr)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     try:
@@ -169,7 +180,7 @@ def component_times(size: str, batch: int, impls: list, repeats: int) -> dict:
     return {"depth": cfg.depth, "seconds": record}
 
 
-def jax_trace(size: str, batch: int, impl, steps: int, out_dir: Path) -> dict:
+def jax_trace(size: str, batch: int, impl, steps: int, out_dir: Path, top: int) -> dict:
     from jax.profiler import ProfileData
 
     ours = dit_bench.build_ours(size, batch, impl)
@@ -194,24 +205,58 @@ def jax_trace(size: str, batch: int, impl, steps: int, out_dir: Path) -> dict:
                 counts[ev.name] += 1
                 threads.add(line.name)
     hlo = ours["step_compiled"].as_text()
+    wrappers = {n: totals.pop(n) for n in _WRAPPERS if n in totals}  # they nest the thunks
+    kinds = collections.Counter()
+    for name, sec in totals.items():
+        kinds[re.sub(r"\.\d+$", "", name)] += sec
     return {
         "attention_impl": impl,
         "trace": path,
         "threads_with_events": len(threads),
+        "wrapper_seconds_per_step": {n: round(v, 3) for n, v in wrappers.items()},
         "thunk_seconds_per_step_summed_over_threads": round(sum(totals.values()), 3),
-        "by_name": [
-            {"name": n, "s_per_step": round(s, 4), "calls_per_step": counts[n] // steps}
-            for n, s in totals.most_common(15)
-        ],
+        "by_kind": {k: round(v, 3) for k, v in kinds.most_common(10)},
+        "top_thunks": [
+            {
+                "name": n,
+                "s_per_step": round(sec, 4),
+                "calls_per_step": counts[n] // steps,
+                "hlo_op_name": _op_name(hlo, n),
+            }
+            for n, sec in totals.most_common(top)
+        ],  # fmt: skip
         "hlo_ops": _hlo_ops(hlo),
     }
 
 
+_WRAPPERS = ("ThunkExecutor::Execute", "SlinkyThreadPool::Await")
+
+
+def _op_name(hlo: str, name: str) -> str | None:
+    """The JAX op_name metadata of HLO instruction `name` (or of the first instruction of
+    the computation it calls): which jaxpr equation, forward or transpose, it came from."""
+    m = re.search(rf"^\s*(?:ROOT )?%{re.escape(name)} = .*$", hlo, re.M)
+    if not m:
+        return None
+    line = m.group(0)
+    meta = re.search(r'op_name="([^"]*)"', line)
+    if not meta and (call := re.search(r"calls=%([\w.-]+)", line)):
+        body = re.search(rf"^%{re.escape(call.group(1))} .*?\n\}}", hlo, re.M | re.S)
+        dots = re.findall(r' dot\(.*?op_name="([^"]*)"', body.group(0)) if body else []
+        meta = dots[0] if dots else None
+        return meta[-160:] if meta else None
+    return meta.group(1)[-160:] if meta else None
+
+
 def _hlo_ops(hlo: str) -> dict:
-    """Opcode counts of the entry computation and how many fusions hold a dot."""
-    ops = collections.Counter(re.findall(r"^\s*(?:ROOT )?%\S+ = \S+ (\S+?)\(", hlo, re.M))
-    fused_dots = len(re.findall(r"%fused\S* \(.*?\n(?:.*\n)*?.*? dot\(", hlo))
-    return {"top_opcodes": dict(ops.most_common(12)), "fused_computations_with_dot": fused_dots}
+    """Opcode counts of the compiled step's entry computation, and how many fused
+    computations hold a dot (a matmul XLA fused with its neighbours)."""
+    comps = hlo.split("\n\n")
+    entry = next((c for c in comps if c.lstrip().startswith("ENTRY")), "")
+    ops = collections.Counter(re.findall(r"^\s*(?:ROOT )?%\S+ = \S+ ([\w-]+)\(", entry, re.M))
+    fused = [c for c in comps if c.lstrip().startswith("%fused")]
+    return {"entry_opcodes": dict(ops.most_common(12)), "fused_computations": len(fused),
+            "fused_computations_with_dot": sum(" dot(" in c for c in fused)}  # fmt: skip
 
 
 def torch_profile(models, size: str, batch: int, steps: int, top: int, out_dir: Path) -> dict:
@@ -270,7 +315,7 @@ def main() -> None:
         "jax": jax.__version__,
         "ours": {
             "components": component_times(args.size, args.batch, impls, args.repeats),
-            "trace": jax_trace(args.size, args.batch, impls[0], args.steps, out_dir),
+            "trace": jax_trace(args.size, args.batch, impls[0], args.steps, out_dir, args.top),
         },
         "peer": torch_profile(models, args.size, args.batch, args.steps, args.top, out_dir),
     }
