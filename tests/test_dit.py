@@ -361,7 +361,8 @@ def test_attention_impl_is_passed_through():
 def test_attention_auto_resolution():
     resolve = layers.resolve_attention
     bf16, f32 = jnp.bfloat16, jnp.float32
-    assert resolve("auto", bf16) == "xla"  # this CPU
+    assert resolve("auto", bf16) == "blockwise"  # this CPU
+    assert resolve("auto", f32, platform="cpu") == "blockwise"
     assert resolve("auto", bf16, platform="gpu") == "cudnn"
     assert resolve("auto", jnp.float16, platform="cuda") == "cudnn"
     assert resolve("auto", f32, platform="gpu") == "xla"  # cuDNN has no f32 flash kernel

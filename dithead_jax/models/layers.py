@@ -265,11 +265,13 @@ def resolve_attention(
 ) -> str | None:
     """The attention kernel for `implementation` ("auto" decides at trace time by the
     backend, `platform` overriding it) for the self-attention: cuDNN flash attention on GPU
-    in bf16/fp16 (cuDNN has no f32 kernel), the Pallas splash kernel on TPU, XLA otherwise.
+    in bf16/fp16 (cuDNN has no f32 kernel), the Pallas splash kernel on TPU, the blockwise
+    one on CPU (bench/attention.py and bench/dit.py --peer: its forward + backward runs
+    1.3-2x XLA's per FLOP at 1024 tokens; at <= BLOCK_K keys it is XLA's), XLA otherwise.
     The audio cross-attention has 12 keys (or 1), below any kernel's block and ~1% of the
     attention FLOPs: XLA under "auto", and also when "splash" or "blockwise" is asked for.
     "blockwise" is the pure-JAX flash-style attention (models/blockwise_attention.py: no
-    (L, L) buffers, forward or backward) for any backend; "auto" never picks it.
+    (L, L) buffers, forward or backward) for any backend.
     None leaves the choice to `jax.nn.dot_product_attention` (XLA today)."""
     if implementation not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl {implementation!r}: choose from {ATTENTION_IMPLS}")
@@ -282,6 +284,8 @@ def resolve_attention(
         return "cudnn"
     if platform == "tpu":
         return "splash"
+    if platform == "cpu":
+        return "blockwise"
     return "xla"
 
 

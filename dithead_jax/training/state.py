@@ -137,7 +137,12 @@ def guard_update(
     because the step donates it: it is the only copy of the last good weights."""
     params_finite = all_finite(new_state.params)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_finite
-    kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
+    # A conditional, not a per-leaf `where`: XLA folds the per-leaf finite checks into an
+    # and-chain and fuses a copy of the whole chain into every leaf's select, HLO quadratic
+    # in the number of leaves (113k `and` ops and a 50-s compile for the demo VQGAN's 180
+    # leaves, whose step computes in 0.2 s). The predicate of a `cond` is computed once;
+    # either branch hands back buffers that exist already.
+    kept = jax.lax.cond(finite, lambda: new_state, lambda: state)
     return kept, {"params_finite": params_finite.astype(jnp.float32)}
 
 
