@@ -181,14 +181,22 @@ def component_times(size: str, batch: int, impls: list, repeats: int) -> dict:
 
 
 def jax_trace(size: str, batch: int, impl, steps: int, out_dir: Path, top: int) -> dict:
-    from jax.profiler import ProfileData
-
     ours = dit_bench.build_ours(size, batch, impl)
     _best(ours["step"], 1)
+    record = trace_thunks(ours["step"], ours["step_compiled"].as_text(), steps, out_dir, top)
+    return {"attention_impl": impl, **record}
+
+
+def trace_thunks(run_step, hlo: str, steps: int, out_dir: Path, top: int) -> dict:
+    """A jax.profiler trace of `steps` calls of `run_step` (warm) into `out_dir`/jax, as
+    XLA:CPU thunk seconds per step summed over threads: by kind, the top `top` thunks with
+    the op_name of their HLO root in `hlo` (the compiled step's text), and its op counts."""
+    from jax.profiler import ProfileData
+
     trace_dir = out_dir / "jax"
     with jax.profiler.trace(str(trace_dir)):
         for _ in range(steps):
-            jax.block_until_ready(ours["step"]())
+            jax.block_until_ready(run_step())
     path = sorted(glob.glob(str(trace_dir / "**" / "*.xplane.pb"), recursive=True))[-1]
     totals, counts, threads = collections.Counter(), collections.Counter(), set()
     skip = ("ThreadpoolListener", "end: ", "ThunkExecutor::Execute (wait")
@@ -204,13 +212,11 @@ def jax_trace(size: str, batch: int, impl, steps: int, out_dir: Path, top: int) 
                 totals[ev.name] += ev.duration_ns / 1e9 / steps
                 counts[ev.name] += 1
                 threads.add(line.name)
-    hlo = ours["step_compiled"].as_text()
     wrappers = {n: totals.pop(n) for n in _WRAPPERS if n in totals}  # they nest the thunks
     kinds = collections.Counter()
     for name, sec in totals.items():
         kinds[re.sub(r"\.\d+$", "", name)] += sec
     return {
-        "attention_impl": impl,
         "trace": path,
         "threads_with_events": len(threads),
         "wrapper_seconds_per_step": {n: round(v, 3) for n, v in wrappers.items()},

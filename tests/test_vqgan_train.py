@@ -86,9 +86,13 @@ def test_train_resume_and_load(frames_dir, tmp_path):
     assert age.shape == (config.model.codebook_size,) and age.max() >= 1
 
     # Resume from step 10; steps 11-13 run the GAN branch (state.step >= disc_start).
+    disc_before = jax.tree.leaves(jax.device_get(result.state.params["disc"]))
     resumed = loop.run(task, dataclasses.replace(run.train, num_steps=13), workdir)
     assert (resumed.start_step, resumed.final_step) == (10, 13)
     assert sorted(resumed.losses) == [11, 12, 13] and np.isfinite(resumed.losses[13])
+    # The discriminator trains from disc_start on (before it its step is skipped).
+    disc_after = jax.tree.leaves(jax.device_get(resumed.state.params["disc"]))
+    assert any(not np.array_equal(a, b) for a, b in zip(disc_before, disc_after, strict=True))
 
     model = vqgan_train.load_model(workdir)
     assert isinstance(model, VQGAN)
