@@ -42,7 +42,7 @@ def test_sync_correlation_of_constant_signals_is_zero():
 
 
 def test_flicker_is_one_for_the_real_video_and_grows_with_frame_noise():
-    from dithead_jax.evaluation.evaluate import flicker
+    from dithead_jax.evaluation.temporal import flicker
 
     rng = np.random.default_rng(0)
     ramp = np.linspace(100, 127, 10)[:, None, None, None]
@@ -57,6 +57,27 @@ def test_flicker_is_one_for_the_real_video_and_grows_with_frame_noise():
     upper = real.copy()
     upper[:, :4] = noisy[:, :4]
     assert flicker(real, upper, mask) == pytest.approx(1.0)
+
+
+def test_jitter_counts_frame_jumps_more_than_motion():
+    """Twice the mouth motion doubles flicker and jitter alike; frames jumping off their
+    neighbours' line raise jitter well above flicker."""
+    from dithead_jax.evaluation.temporal import flicker, jitter
+
+    t = np.arange(24, dtype=np.float64)[:, None, None, None]
+    x = np.arange(8, dtype=np.float64)[None, None, :, None]
+
+    def video(amplitude: float) -> np.ndarray:  # a band sliding at speech-like speed
+        return np.broadcast_to(128 + amplitude * np.sin(0.7 * x - 0.3 * t), (24, 8, 8, 3))
+
+    real, wider = video(30.0), video(60.0)
+    mask = np.full((24, 8, 8), 255, np.uint8)
+    assert jitter(real, real, mask) == pytest.approx(1.0)
+    assert flicker(real, wider, mask) == pytest.approx(2.0, rel=0.02)
+    assert jitter(real, wider, mask) == pytest.approx(2.0, rel=0.02)
+    jumpy = real + np.where(np.arange(24) % 2, 3.0, -3.0)[:, None, None, None]
+    assert jitter(real, jumpy, mask) > 1.5 * flicker(real, jumpy, mask) > 1.5
+    assert np.isnan(jitter(real[:2], real[:2], mask[:2]))
 
 
 def test_lower_face_scores_count_only_the_composited_mask_region():

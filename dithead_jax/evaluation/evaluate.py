@@ -38,6 +38,7 @@ from dithead_jax.evaluation.protocol import (
     pasted_crops,
 )
 from dithead_jax.evaluation.report import write_report
+from dithead_jax.evaluation.temporal import flicker, jitter
 
 ROUND_TRIP = "frame VQGAN round trip"  # composited alongside the generated crops
 
@@ -155,20 +156,6 @@ def read_clips(
                 records[0]["source_size"],
             )  # fmt: skip
         yield clip
-
-
-def flicker(real: np.ndarray, fake: np.ndarray, mask: np.ndarray) -> float:
-    """Frame-to-frame change inside the lower-face mask, generated over real (1 = as
-    smooth as the real video, above 1 = flicker). (T, S, S, 3) uint8 x2, (T, S, S) uint8."""
-    if len(real) < 2:
-        return float("nan")
-    weight = mask[1:, ..., None].astype(np.float64) / 255
-
-    def change(frames: np.ndarray) -> float:
-        step = np.abs(np.diff(frames.astype(np.float64), axis=0))
-        return float((step * weight).sum() / max(weight.sum() * 3, 1e-9))
-
-    return change(fake) / max(change(real), 1e-9)
 
 
 def lower_face_scores(
@@ -352,6 +339,7 @@ def _score_clip(
         row = {"video": clip.video_id, "mode": name, "frames": len(fake)}
         row |= _image_scores(clip.frames, fake, scorers.lpips)
         row["flicker"] = flicker(clip.frames, fake, clip.mask)
+        row["jitter"] = jitter(clip.frames, fake, clip.mask)
         row |= lower_face_scores(clip.frames, fake, clip.mask, scorers.lpips)
         row |= {f"composited_{k}": v for k, v in _image_scores(real, comp, scorers.lpips).items()}
         if expert is not None:
@@ -492,7 +480,8 @@ def _report(
                 if lse_mode.get("status") == "ok":
                     summary[f"{prefix}lse_c"] = lse_mode["lse_c"]
                     summary[f"{prefix}lse_d"] = lse_mode["lse_d"]
-        summary["flicker"] = float(np.nanmean([r["flicker"] for r in mode_rows]))
+        for key in ("flicker", "jitter"):
+            summary[key] = float(np.nanmean([r[key] for r in mode_rows]))
         # The first clip's time includes compiling this mode's sampler.
         summary["s_per_frame"] = float(np.median([c["seconds"][mode] for c in clips]))
         per_mode[mode] = summary
@@ -536,7 +525,7 @@ def _report(
         "metrics_composited": _table(first, "composited_", clips, with_fid, lse_composited),
         "unavailable": unavailable,
         "clips": rows,
-        # Per mode (one or several): its summary, sync, flicker and s/frame.
+        # Per mode (one or several): its summary, sync, flicker, jitter and s/frame.
         "modes": per_mode,
         # LSE of the real frames with their own audio: what the expert reads at best.
         "lse_real": _mean_lse([c["lse_real"] for c in clips]) if "lse_real" in clips[0] else None,
