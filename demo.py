@@ -10,6 +10,7 @@ Runs the same commands a user runs, each in its own process, and times them:
     vqgan_frames   train.py (vqgan)         E and D                            } side
     vqgan_masked   train.py (vqgan)         E_m                                } by
     sync_expert    train.py (sync_expert)   lip-sync expert for LSE-C/LSE-D    } side
+    vfi            train.py (vfi)           the frame interpolator (RIFE IFNet)}
     latents        data/encode_latents.py   stage-2 records
     dit            train.py (dit)           the denoiser (mask weight, CFG)    } side
     dit_paper      train.py (dit)           the paper's recipe, to compare     } by side
@@ -17,7 +18,9 @@ Runs the same commands a user runs, each in its own process, and times them:
     evaluate_paper sample.py --eval         its sync and LSE                   } side
     evaluate       sample.py --eval         held-out identities: report,       } by
                                             side-by-side videos, modes compared } side
+    evaluate_vfi   sample.py --eval         interpolation smooth / half_rate   }
     dub            sample.py --model model  a held-out face, another's speech  }
+                                            (interpolate smooth)
 
 Sizes are chosen for the 15-minute budget on two cores: 64^2 crops (16x16x3 latents), small
 VQGANs and a 6-layer DiT (configs/*.py:demo). Every stage resumes where it stopped, and a
@@ -67,6 +70,7 @@ def stages(out: Path, args: argparse.Namespace) -> list[list[tuple[str, Callable
     syn, stage1, latents = out / "synthetic", out / "stage1", out / "latents"
     vq, vq_m, dit = out / "vqgan_frames", out / "vqgan_masked", out / "dit"
     expert = out / "sync_expert"  # sample.py finds it next to the DiT run
+    vfi = out / "vfi"  # and the frame interpolator
     dit_paper = out / "dit_paper"  # the paper's recipe, for the comparison row
     model = out / "model"  # the exported DiT run: what a user copies elsewhere to dub with
 
@@ -74,7 +78,7 @@ def stages(out: Path, args: argparse.Namespace) -> list[list[tuple[str, Callable
         face, voice = held_out_pair(syn)
         return ["sample.py", "--model", model, "--video", syn / face / "clip000.mp4",
                 "--audio", syn / voice / "clip000.mp4", "--steps", args.steps,
-                "--guidance", args.guidance,
+                "--guidance", args.guidance, "--interpolate", "smooth", "--interpolator", vfi,
                 "--side-by-side", "--out", out / f"dubbed_{face}_by_{voice}.mp4"]  # fmt: skip
 
     return [
@@ -96,7 +100,10 @@ def stages(out: Path, args: argparse.Namespace) -> list[list[tuple[str, Callable
            for target, workdir in (("frames", vq), ("masked", vq_m))),
          ("sync_expert", lambda: [
             "train.py", "--config", "configs/sync_expert.py:demo", "--workdir", expert,
-            f"--config.data.dir={stage1}", f"--config.train.num_steps={args.expert_steps}"])],
+            f"--config.data.dir={stage1}", f"--config.train.num_steps={args.expert_steps}"]),
+         ("vfi", lambda: [
+            "train.py", "--config", "configs/vfi.py:demo", "--workdir", vfi,
+            f"--config.data.dir={stage1}", f"--config.train.num_steps={args.vfi_steps}"])],
         [("latents", lambda: [
             "data/encode_latents.py", "--dataset", stage1, "--vqgan", vq, "--vqgan-masked",
             vq_m, "--out", latents, "--mask-variants", 1])],
@@ -119,6 +126,13 @@ def stages(out: Path, args: argparse.Namespace) -> list[list[tuple[str, Callable
             "--steps", args.steps, "--max-clips", args.eval_clips,
             "--max-frames", args.eval_frames, "--metrics", "lpips,lse", "--out",
             out / "report"]),
+         # The same clips, frames and seed as `evaluate`'s guided x0_same_step rows, with
+         # the interpolator after the DiT (its `off` row is that one).
+         ("evaluate_vfi", lambda: [
+            "sample.py", "--workdir", dit, "--eval", "--dataset", stage1, "--synthetic", syn,
+            "--modes", "x0_same_step", "--guidance", args.guidance, "--steps", args.steps,
+            "--interpolate", "smooth,half_rate", "--max-clips", args.eval_clips,
+            "--max-frames", args.eval_frames, "--metrics", "", "--out", out / "report_vfi"]),
          ("dub", dub)],
     ]  # fmt: skip
 
@@ -183,6 +197,7 @@ def summary(out: Path, timings: dict[str, float], groups: list[list[str]]) -> st
         fidelity(report),
         "",
         *recipes(out, report),
+        *interpolation(out, report),
         markdown_table(["stage", "seconds"], rows),
         "",
     ]
@@ -238,6 +253,29 @@ def recipes(out: Path, report: dict) -> list[str]:
     return [markdown_table(header, table), ""]
 
 
+def interpolation(out: Path, report: dict) -> list[str]:
+    """The interpolator after the DiT (report_vfi) against the same rows without it."""
+    from dithead_jax.evaluation.report import markdown_table
+
+    vfi_json = out / "report_vfi" / "report.json"
+    if not vfi_json.is_file():
+        return []
+    modes = report.get("modes") or {}
+    rows = {name: v for name, v in modes.items() if name.startswith("x0_same_step w=")}
+    rows |= {n: v for n, v in (json.loads(vfi_json.read_text()).get("modes") or {}).items()}
+    keys = ("jitter", "flicker", "sync", "psnr_lower", "s_per_frame")
+    table = [[name, *(f"{v[k]:.3f}" if v.get(k) is not None else "n/a" for k in keys)]
+             for name, v in rows.items()]  # fmt: skip
+    return [
+        "Frame interpolation after the DiT (the demo's interpolator; jitter: RMS second "
+        "temporal difference in the mouth region, generated over real; flicker: first "
+        "difference; `half_rate` runs the DiT on every other frame):",
+        "",
+        markdown_table(["rows", "jitter", "flicker", "sync", "PSNR lower face", "s/frame"], table),
+        "",
+    ]
+
+
 def fidelity(report: dict) -> str:
     """The faces (round trip vs generated, lower face composited) and the expert's LSE."""
     metrics, trip = report.get("metrics", {}), report.get("round_trip", {})
@@ -270,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vqgan-steps", type=int, default=300)
     p.add_argument("--expert-steps", type=int, default=300, help="sync expert (LSE) steps")
     p.add_argument("--dit-steps", type=int, default=1000)
+    p.add_argument("--vfi-steps", type=int, default=200, help="frame interpolator steps")
     p.add_argument("--paper-row", action=argparse.BooleanOptionalAction, default=True,
                    help="also train and score the paper's recipe, side by side")  # fmt: skip
     p.add_argument("--steps", type=int, default=10, help="DDIM steps when sampling")

@@ -7,6 +7,7 @@ into these dataclasses with `from_dict`, so modules never see a mutable, stringl
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
@@ -509,6 +510,82 @@ class SyncLossConfig:
         _check(self, "group", self.group == 5, "must be 5 (the expert's window)")
 
 
+@dataclasses.dataclass(frozen=True)
+class IFNetConfig:
+    """RIFE's IFNet (models/ifnet.py) in the Practical-RIFE v4.25 / v4.26 layout: a shared
+    feature encoder (`encoder_channels` per frame), then one IFBlock per entry of
+    `block_channels`, block i working at 1/`scales[i]` of the input resolution (coarse to
+    fine) and refining the previous block's flows, fusion mask and `feature_channels` hidden
+    channels through `res_convs` residual 3x3 convs. Inputs are zero-padded (right/bottom)
+    to a multiple of `pad_multiple`, as Practical-RIFE's inference script does (128 there).
+    """
+
+    block_channels: tuple[int, ...] = (192, 128, 96, 64, 32)
+    scales: tuple[int, ...] = (16, 8, 4, 2, 1)
+    encoder_channels: int = 16
+    feature_channels: int = 8
+    res_convs: int = 8
+    pad_multiple: int = 128
+    dtype: str = "float32"  # compute dtype; params stay float32
+    param_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _positive(self, "encoder_channels", "feature_channels", "res_convs", "pad_multiple")
+        for name in ("block_channels", "scales"):
+            value = getattr(self, name)
+            _check(self, name, len(value) > 0 and all(isinstance(c, int) and c > 0 for c in value),
+                   "must be a non-empty tuple of positive ints")  # fmt: skip
+        blocks = len(self.block_channels)
+        _check(self, "scales", len(self.scales) == blocks,
+               f"must have one entry per block ({blocks} block_channels)")  # fmt: skip
+        # Each block halves its width first (c // 2) and then doubles it.
+        _check(self, "block_channels", all(c % 2 == 0 for c in self.block_channels),
+               "must all be even")  # fmt: skip
+        multiple = self.size_multiple
+        _check(self, "pad_multiple", self.pad_multiple % multiple == 0,
+               f"must be a multiple of {multiple} (4 x every scale: two stride-2 convs per "
+               "block on the downscaled input)")  # fmt: skip
+
+    @property
+    def size_multiple(self) -> int:
+        """Smallest frame-size multiple for which every block's shapes line up."""
+        return math.lcm(*(4 * s for s in self.scales))
+
+
+@dataclasses.dataclass(frozen=True)
+class VFILossConfig:
+    """The frame interpolator's objective (training/vfi_train.py): RIFE's Laplacian-pyramid
+    L1 (`LapLoss`, `lap_levels` band-pass levels) of the final frame against the true middle
+    frame, plus `block_weight` x the mean of the same loss over the earlier IFBlocks' merged
+    frames. RIFE itself puts the reconstruction loss on the final frame only and reaches
+    the earlier blocks through its privileged-distillation term (a teacher block that sees
+    the answer), which we leave out; `block_weight` is the cheap stand-in for it."""
+
+    lap_levels: int = 5
+    block_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "lap_levels")
+        _non_negative(self, "block_weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class TripletConfig:
+    """How the interpolator's training triplets are drawn (data/vfi_triplets.py): spans n
+    (img0 = frame p, img1 = p + n, the middle frame p + j at t = j / n), a random
+    (crop, crop) window (0 = whole frames), and RIFE's flip / temporal-reversal augments."""
+
+    spans: tuple[int, ...] = (2,)
+    crop: int = 0
+    random_flip: bool = True
+    random_reverse: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self, "spans", len(self.spans) > 0 and all(int(n) >= 2 for n in self.spans),
+               "must be a non-empty tuple of frame distances >= 2")  # fmt: skip
+        _non_negative(self, "crop")
+
+
 _DATACLASSES: dict[str, type] = {
     "VQGANConfig": VQGANConfig,
     "VQGANLossConfig": VQGANLossConfig,
@@ -520,4 +597,5 @@ _DATACLASSES: dict[str, type] = {
     "SyntheticConfig": SyntheticConfig,
     "SyncExpertConfig": SyncExpertConfig,
     "SyncLossConfig": SyncLossConfig,
+    "IFNetConfig": IFNetConfig,
 }

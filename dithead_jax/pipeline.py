@@ -34,7 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from dithead_jax.interpolation import MODES as INTERPOLATE_MODES
+
 MODES = ("x0_same_step", "noisy_same_step", "fixed", "final")
+
 LANDMARKS = ("sidecar_or_dlib", "sidecar", "dlib", "face_alignment")
 
 
@@ -190,7 +193,8 @@ class DiTHeadPipeline:
         2.8 MB a 720p frame)."""
         from dithead_jax.data import audio_features as af
         from dithead_jax.generation import frames_for_audio, pingpong_indices
-        from dithead_jax.sampling import FaceStream
+        from dithead_jax.interpolation import FrameDoubler
+        from dithead_jax.sampling import FaceStream, interpolator
 
         options = self._options(options, steps=steps, mode=reference, guidance=guidance,
                                 chunk_frames=chunk_frames)  # fmt: skip
@@ -206,9 +210,14 @@ class DiTHeadPipeline:
             first = np.random.default_rng(seed).integers(len(source.boxes))
             reference_crop = source.crop(first, data)["frame"]
             faces = FaceStream(self.models, reference_crop, options=options, seed=seed)
-            chunks = _chunks(source, pingpong_indices(len(source.boxes), count), windows,
-                             faces, data, options.chunk_frames, side_by_side)  # fmt: skip
-            yield Dub(chunks, count, speech, rate, data.fps)
+            doubler, fps = None, data.fps
+            if options.interpolate == "double":  # the paper's 2x frame rate
+                doubler = FrameDoubler(interpolator(self.models, options.interpolator))
+                count, fps = 2 * count - 1, 2 * data.fps
+            chunks = _chunks(source, pingpong_indices(len(source.boxes), len(windows)),
+                             windows, faces, data, options.chunk_frames, side_by_side,
+                             doubler)  # fmt: skip
+            yield Dub(chunks, count, speech, rate, fps)
 
     def _options(self, options: Any, **overrides: Any) -> Any:
         """InferenceOptions with the overrides that were given, checked."""
@@ -222,6 +231,9 @@ class DiTHeadPipeline:
         if options.mode not in MODES:
             raise ValueError(f"unknown reference mode {options.mode!r}; choose from "
                              f"{list(MODES)}")  # fmt: skip
+        if options.interpolate not in INTERPOLATE_MODES:
+            raise ValueError(f"unknown interpolate mode {options.interpolate!r}; choose from "
+                             f"{list(INTERPOLATE_MODES)}")  # fmt: skip
         if options.chunk_frames < 1:
             raise ValueError(f"chunk_frames must be >= 1 (got {options.chunk_frames})")
         check_guidance(self.models.dit_run, options.guidance)
@@ -236,23 +248,39 @@ def _chunks(
     source: Source,
     index: np.ndarray,
     windows: np.ndarray,
-    faces: Callable[..., np.ndarray],
+    faces: Any,
     data: Any,
     chunk_frames: int,
     side_by_side: bool,
+    doubler: Any = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(composited frames, generated faces) for output frames [start, start + chunk)."""
+    """(composited frames, generated faces) for output frames [start, start + chunk), in
+    order. Interpolation (`faces` a sampling.FaceStream) may hold frames back: they are
+    pasted when final, the last ones after the loop; `doubler` (interpolation.
+    FrameDoubler, interpolate="double") then doubles the composited frames."""
     from dithead_jax.generation import paste_chunk
+
+    waiting: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (source, box, mask)
+
+    def composited(generated: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ready, waiting[:] = waiting[: len(generated)], waiting[len(generated) :]
+        sources, boxes, masks = (list(x) for x in zip(*ready, strict=True)) if ready else ([],) * 3
+        out = paste_chunk(sources, generated, np.asarray(boxes), np.asarray(masks), side_by_side)
+        return (doubler.push(out) if doubler is not None else out), generated
 
     for start in range(0, len(index), chunk_frames):
         frames = index[start : start + chunk_frames]
         sources = [source.frames[i] for i in frames]
         crops = [source.crop(i, data, frame) for i, frame in zip(frames, sources, strict=True)]
         crops = {k: np.stack([c[k] for c in crops]) for k in ("masked_frame", "mask", "landmarks")}
+        waiting += zip(sources, source.boxes[frames], crops["mask"], strict=True)
         generated = faces(crops["masked_frame"], windows[start : start + len(frames)],
-                          landmarks=crops["landmarks"])  # fmt: skip
-        out = paste_chunk(sources, generated, source.boxes[frames], crops["mask"], side_by_side)
-        yield out, generated
+                          landmarks=crops["landmarks"], masks=crops["mask"])  # fmt: skip
+        if len(generated):
+            yield composited(generated)
+    held_back = faces.flush()
+    if len(held_back):
+        yield composited(held_back)
 
 
 # ---------------------------------------------------------------------------------------

@@ -164,3 +164,19 @@ if __name__ == "__main__":
     # Random records for a CPU demo of train.py (configs/dit.py:testing wants 16x16x3):
     #   python tests/stage2_data.py /tmp/latents
     print(write_random_stage2(sys.argv[1], videos=4, frames=32))
+
+
+def random_ifnet(seed: int = 0):
+    """models/ifnet.py's TESTING IFNet with weights drawn in numpy (jax.random compiles one
+    sampler per weight shape, seconds each on this CPU): for plumbing, not quality."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dithead_jax.models import ifnet
+
+    abstract = nnx.eval_shape(lambda: ifnet.IFNet(ifnet.TESTING, rngs=nnx.Rngs(0)))
+    graphdef, shapes = nnx.split(abstract)
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.uniform(-0.3, 0.3, s.shape), s.dtype), shapes)
+    return nnx.merge(graphdef, params)

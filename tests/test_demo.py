@@ -54,3 +54,18 @@ def test_fidelity_line_names_round_trip_generated_and_the_lse_expert():
     assert "LSE-C 0.231, LSE-D 0.657 (trained expert demo/sync_expert;" in text
     assert "LSE" not in demo.fidelity({"metrics": {"lse_c": None}})
     assert "n/a" in demo.fidelity({})
+
+
+def test_interpolation_table_puts_the_interpolated_rows_beside_the_plain_one(tmp_path):
+    row = {"jitter": 1.8, "flicker": 0.9, "sync": 0.8, "psnr_lower": 20.0, "s_per_frame": 1.0}
+    report = {"modes": {"x0_same_step w=2": row, "fixed w=2": row}}
+    assert demo.interpolation(tmp_path, report) == []  # no report_vfi: no table
+    vfi = {"x0_same_step w=2 +smooth": row | {"jitter": 1.2},
+           "x0_same_step w=2 +half_rate": row | {"s_per_frame": 0.5, "sync": None}}  # fmt: skip
+    (tmp_path / "report_vfi").mkdir()
+    (tmp_path / "report_vfi" / "report.json").write_text(json.dumps({"modes": vfi}))
+    table = "\n".join(demo.interpolation(tmp_path, report))
+    assert "| x0_same_step w=2 | 1.800 | 0.900 | 0.800 | 20.000 | 1.000 |" in table
+    assert "| x0_same_step w=2 +smooth | 1.200 |" in table
+    assert "| x0_same_step w=2 +half_rate | 1.800 | 0.900 | n/a | 20.000 | 0.500 |" in table
+    assert "fixed" not in table

@@ -298,23 +298,27 @@ def test_sample_refuses_guidance_for_a_run_without_null_audio(tmp_path, monkeypa
     assert "one scale in video mode" in capsys.readouterr().err
 
 
-def test_eval_scores_every_mode_at_every_scale(tmp_path, monkeypatch):
-    """`--guidance 1,2.5` in the evaluation: each (mode, scale) reaches the generator and
-    becomes its own row group, named like the --modes rows ("MODE" at 1, "MODE w=W")."""
+def test_eval_scores_every_mode_at_every_scale_and_interpolation(tmp_path, monkeypatch):
+    """`--guidance 1,2.5 --interpolate off,half_rate` in the evaluation: each (mode, scale,
+    interpolation) reaches the generator with the clip's masks and becomes its own row
+    group, named like the --modes rows ("MODE" at 1, "MODE w=W", then " +half_rate")."""
     from dithead_jax import sampling
     from dithead_jax.evaluation import evaluate as ev
 
     seen = []
 
-    def generate(models, masked, audio, reference, *, steps, mode, seed, guidance, **_):
-        seen.append((mode, guidance))
-        return np.full(masked.shape, 30 * guidance + (mode == "fixed"), np.uint8)
+    def generate(models, masked, audio, reference, *, mode, guidance, interpolate, masks, **_):
+        assert masks.shape == masked.shape[:3]
+        seen.append((mode, guidance, interpolate))
+        value = 30 * guidance + (mode == "fixed") + 2 * (interpolate == "half_rate")
+        return np.full(masked.shape, value, np.uint8)
 
     monkeypatch.setattr(sampling, "generate_faces", generate)
     monkeypatch.setattr(sampling, "reconstruct_faces", lambda models, frames: frames)
     options = ev.EvalOptions(
-        modes=("x0_same_step", "fixed"), guidance=(1.0, 2.5), side_by_side=False, metrics=()
-    )
+        modes=("x0_same_step", "fixed"), guidance=(1.0, 2.5), side_by_side=False, metrics=(),
+        interpolate=("off", "half_rate"),
+    )  # fmt: skip
     n, size = 3, 16
     frames = np.full((n, size, size, 3), 100, np.uint8)
     mask = np.full((n, size, size), 255, np.uint8)
@@ -322,14 +326,18 @@ def test_eval_scores_every_mode_at_every_scale(tmp_path, monkeypatch):
     clip = ev.Clip("v0", "id", frames, frames * 0, mask, np.zeros((n, 68, 2)), audio, np.arange(n))
     scorers = ev._Scorers(lpips=None, expert=None, fid=None, lse=None)
     scored = ev._score_clip(None, clip, clip.frames[0], np.arange(n), scorers, tmp_path, options)
-    names = ["x0_same_step", "x0_same_step w=2.5", "fixed", "fixed w=2.5"]
-    assert seen == [("x0_same_step", 1.0), ("x0_same_step", 2.5), ("fixed", 1.0), ("fixed", 2.5)]
+    groups = ["x0_same_step", "x0_same_step w=2.5", "fixed", "fixed w=2.5"]
+    names = [g + vfi for g in groups for vfi in ("", " +half_rate")]
+    assert seen == [(m, w, vfi) for m in ("x0_same_step", "fixed") for w in (1.0, 2.5)
+                    for vfi in ("off", "half_rate")]  # fmt: skip
     report = ev._report([scored], options, None, "x", "x", False)
     assert list(report["modes"]) == names and [r["mode"] for r in report["clips"]] == names
     assert report["settings"]["guidance"] == "1, 2.5"
-    # Each group holds its own frames: PSNR of 100 vs 30w (+1 for fixed).
-    for name, (mode, w) in zip(names, seen, strict=True):
-        want = 10 * np.log10(255**2 / (100 - 30 * w - (mode == "fixed")) ** 2)
+    assert report["settings"]["interpolate"] == "off, half_rate"
+    # Each group holds its own frames: PSNR of 100 vs 30w (+1 for fixed, +2 half_rate).
+    for name, (mode, w, vfi) in zip(names, seen, strict=True):
+        value = 30 * w + (mode == "fixed") + 2 * (vfi == "half_rate")
+        want = 10 * np.log10(255**2 / (100 - value) ** 2)
         assert report["modes"][name]["psnr"] == pytest.approx(want, rel=1e-4)
     assert report["metrics"]["psnr"] == report["modes"]["x0_same_step"]["psnr"]
 

@@ -111,3 +111,12 @@ def test_presets_and_flags():
                           "--preset", "slow"])  # fmt: skip
     with pytest.raises(ValueError, match="unknown preset"):
         sampling.InferenceOptions.preset("slow")
+    video = ["--model", "m", "--video", __file__, "--audio", __file__, "--out", "o.mp4"]
+    assert sample_cli.parse([*video, "--interpolate", "double"]).inference.interpolate == "double"
+    evaluation = ["--model", "m", "--eval", "--dataset", "d", "--out", "o"]
+    args = sample_cli.parse([*evaluation, "--interpolate", "off,smooth,half_rate"])
+    assert args.interpolate == ("off", "smooth", "half_rate")
+    for bad in ([*video, "--interpolate", "off,smooth"], [*evaluation, "--interpolate", "double"],
+                [*video, "--interpolate", "triple"]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            sample_cli.parse(bad)

@@ -10,11 +10,12 @@ length is bench/sample_memory.py's to measure (minutes, not a test).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
-from stage2_data import load_script
+from stage2_data import load_script, random_ifnet
 
 from dithead_jax.data.video_io import (
     FrameSpool,
@@ -26,6 +27,7 @@ from dithead_jax.data.video_io import (
     write_video,
 )
 from dithead_jax.generation import pingpong_indices
+from dithead_jax.sampling import FaceStream, InferenceOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32  # crop size
@@ -72,6 +74,53 @@ def test_chunks_equal_the_whole_clip_through_ping_pong_and_a_ragged_last_chunk(c
     sources = np.stack(list(iter_frames_at_fps(clip["video"], 25)))
     np.testing.assert_array_equal(whole.frames[:, :, :64], sources[pingpong_indices(12, 25)])
     assert pingpong_indices(12, 25)[11:14].tolist() == [11, 10, 9]
+
+
+@pytest.fixture(scope="module")
+def interpolating(clip):
+    """The fixture's pipeline with a (random, tiny) frame interpolator attached."""
+    from dithead_jax.interpolation import Interpolator
+    from dithead_jax.pipeline import DiTHeadPipeline
+
+    models = clip["pipe"].models
+    return DiTHeadPipeline(dataclasses.replace(models, interpolator=Interpolator(random_ifnet())))
+
+
+@pytest.mark.parametrize("mode", ["smooth", "half_rate"])
+def test_interpolated_chunks_equal_the_whole_clip(clip, interpolating, mode):
+    """One frame is held back per chunk and given at the end: chunking changes nothing."""
+    options = InferenceOptions(interpolate=mode)
+    run = lambda n: interpolating(clip["video"], clip["speech"], side_by_side=True,
+                                  chunk_frames=n, options=options, **KW)  # fmt: skip
+    whole, chunked = run(64), run(7)
+    assert len(whole.frames) == len(whole.faces) == 25
+    np.testing.assert_array_equal(chunked.faces, whole.faces)
+    np.testing.assert_array_equal(chunked.frames, whole.frames)
+
+
+def test_half_rate_runs_the_dit_on_every_other_frame(clip, interpolating):
+    models = interpolating.models
+    rng = np.random.default_rng(0)
+    masked = rng.integers(0, 256, (10, SIZE, SIZE, 3), np.uint8)
+    audio = rng.standard_normal((10, 11, 33)).astype(np.float32)
+    masks = np.full((10, SIZE, SIZE), 255, np.uint8)
+    options = InferenceOptions(steps=2, interpolate="half_rate")
+    stream = FaceStream(models, masked[0], options=options)
+    faces = [stream(masked[:5], audio[:5], masks=masks[:5])]
+    faces += [stream(masked[5:], audio[5:], masks=masks[5:]), stream.flush()]
+    faces = np.concatenate(faces)
+    assert len(faces) == 10 and stream.frames_done == 6  # frames 0, 2, 4, 6, 8 and the last
+
+
+def test_double_writes_twice_the_frame_rate(clip, interpolating, whole, tmp_path):
+    options = InferenceOptions(interpolate="double")
+    doubled = interpolating(clip["video"], clip["speech"], side_by_side=True, chunk_frames=7,
+                            options=options, **KW)  # fmt: skip
+    assert doubled.fps == 50 and len(doubled.frames) == 2 * 25 - 1
+    np.testing.assert_array_equal(doubled.frames[::2], whole.frames)
+    out = tmp_path / "doubled.mp4"
+    assert interpolating.dub(clip["video"], clip["speech"], out, options=options, **KW) == 49
+    assert probe_video(out).fps == 50
 
 
 def test_dub_streams_to_an_mp4_of_the_same_frames(clip, whole, tmp_path):

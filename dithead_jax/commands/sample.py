@@ -5,6 +5,7 @@
         [--reference x0_same_step|noisy_same_step|fixed|final] [--seed 0] [--side-by-side]
         [--guidance 1.0] [--dtype float32|bfloat16] [--attention-impl xla|cudnn|splash|auto]
         [--max-batch 256] [--chunk-frames 64]
+        [--interpolate off|double|smooth|half_rate] [--interpolator VFI_WORKDIR|flownet.pkl]
     python sample.py --model M --eval --dataset STAGE1 [--split test] [--max-clips N]
         [--preset ...] [--steps 50] [--solver ...] [--modes x0_same_step,...]
         [--guidance 1,2,3] [--synthetic DIR] --out REPORT_DIR
@@ -33,9 +34,15 @@ to a one-process run's. Video mode is one process.
 --guidance W: classifier-free guidance on audio (1 = off; W > 1 strengthens the audio),
 for runs trained with a null audio context (diffusion.audio_dropout > 0). --eval takes a
 comma-separated list and reports every reference mode at every scale.
+
+--interpolate (stage 3, RIFE's IFNet; dithead_jax/interpolation.py): `double` writes twice
+the frame rate, `smooth` blends each generated face with its neighbours' interpolation
+inside the mask, `half_rate` runs the DiT on every other frame and interpolates the rest;
+--eval takes a list of off / smooth / half_rate and reports every mode under each.
 """
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -45,6 +52,7 @@ from dithead_jax.cli import (
     fail,
     initialize_distributed,
 )
+from dithead_jax.interpolation import MODES as INTERPOLATE_MODES  # numpy only: no jax yet
 
 PROG = "sample.py"
 MODES = ("x0_same_step", "noisy_same_step", "fixed", "final")
@@ -80,6 +88,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "(default 64; memory grows with it, not with the video)")  # fmt: skip
     p.add_argument("--landmarks", default="sidecar_or_dlib",
                    choices=["sidecar_or_dlib", "sidecar", "dlib", "face_alignment"])  # fmt: skip
+    p.add_argument(
+        "--interpolate",
+        default="off",
+        help="frame interpolation after the DiT: off, double (2x fps), smooth, "
+        "half_rate (DiT on every other frame); with --eval a comma-separated "
+        "list of off / smooth / half_rate",
+    )
+    p.add_argument("--interpolator", help="a VFI workdir (train.py --config configs/vfi.py) "
+                   "or a Practical-RIFE flownet.pkl (default: <workdir>/../vfi, else the "
+                   "released rife_flownet.pkl from the weights folder)")  # fmt: skip
     p.add_argument("--eval", action="store_true")
     p.add_argument("--dataset", help="stage-1 dataset to evaluate on")
     p.add_argument("--split", default="test")
@@ -105,6 +123,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if args.chunk_frames is not None and args.chunk_frames < 1:
         fail(PROG, f"--chunk-frames must be >= 1 (got {args.chunk_frames})")
     args.guidance = parse_guidance(args.guidance, several=args.eval)
+    args.interpolate = tuple(args.interpolate.split(","))
+    allowed = ("off", "smooth", "half_rate") if args.eval else INTERPOLATE_MODES
+    bad = [m for m in args.interpolate if m not in allowed]
+    if bad or (len(args.interpolate) > 1 and not args.eval):
+        fail(PROG, f"--interpolate: {','.join(args.interpolate)} is not one of {list(allowed)}"
+                   f"{' (a list only with --eval)' * (not bad)}")  # fmt: skip
+    args.inference = dataclasses.replace(
+        args.inference, interpolate=args.interpolate[0], interpolator=args.interpolator
+    )
     if args.eval:
         if not args.dataset:
             fail(PROG, "--eval needs --dataset")
@@ -172,7 +199,9 @@ def generate_video(args: argparse.Namespace, models) -> None:
     except (FileNotFoundError, ValueError, NoFaceError) as e:
         fail(PROG, str(e))
     o = args.inference
-    print(f"wrote {args.out}: {frames} frames, {o.steps} {o.solver} steps, {o.mode}, {o.dtype}")
+    vfi = f", interpolate {o.interpolate}" if o.interpolate != "off" else ""
+    print(f"wrote {args.out}: {frames} frames, {o.steps} {o.solver} steps, {o.mode}, {o.dtype}"
+          f"{vfi}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics=tuple(m for m in args.metrics.split(",") if m),
         guidance=args.guidance,
         inference=args.inference,
+        interpolate=args.interpolate,
         sync_expert=Path(args.sync_expert) if args.sync_expert else find_expert(args.model),
     )
     out = check_writable_dir(PROG, args.out)

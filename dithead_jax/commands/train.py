@@ -6,9 +6,11 @@
         --config.data.dir=LATENTS [--config.mesh=dp|fsdp|fsdp_tp] [--config.<field>=<value>]
 
     python train.py --config configs/sync_expert.py:demo --workdir W3 --config.data.dir=STAGE1
+    python train.py --config configs/vfi.py:demo --workdir W4 --config.data.dir=STAGE1
 
 The config's `stage` picks the trainer (configs/vqgan.py sets "vqgan"; DiT configs "dit";
-configs/sync_expert.py "sync_expert", the lip-sync expert for LSE and the sync loss).
+configs/sync_expert.py "sync_expert", the lip-sync expert for LSE and the sync loss;
+configs/vfi.py "vfi", RIFE's IFNet frame interpolator trained on the stage-1 frames).
 DiT variants: testing (tiny; a short CPU run), S_2, B_2, L_2, XL_2. Re-running with the same
 --workdir resumes from its newest checkpoint. TensorBoard event files go to --workdir.
 Multi-host jobs (TPU pods, SLURM, MPI, Kubernetes, or JAX_COORDINATOR_ADDRESS set)
@@ -83,13 +85,14 @@ def _main(argv: list[str]) -> None:
     # Before anything touches a device: multi-host jobs must agree on the device set.
     initialize_distributed(PROG, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
-    from dithead_jax.training import dit_train, sync_expert_train, vqgan_train
+    from dithead_jax.training import dit_train, sync_expert_train, vfi_train, vqgan_train
     from dithead_jax.training import workdir as workdir_lib
 
     trainers = {
         "vqgan": (vqgan_train.VQGANRun, vqgan_train.build_task),
         "dit": (dit_train.DiTRun, dit_train.build_task),
         "sync_expert": (sync_expert_train.SyncExpertRun, sync_expert_train.build_task),
+        "vfi": (vfi_train.VFIRun, vfi_train.build_task),
     }
     stage = _CONFIG.value.get("stage", "dit")
     if stage not in trainers:

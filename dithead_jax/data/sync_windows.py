@@ -28,13 +28,14 @@ from dithead_jax.data import records as records_lib
 from dithead_jax.models.sync_expert import CENTRE, LIP_FRAMES
 
 
-def window_starts(index: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Record positions p whose p..p+4 are one video's consecutive frames, in order."""
+def window_starts(index: Mapping[str, np.ndarray], frames: int = LIP_FRAMES) -> np.ndarray:
+    """Record positions p whose p..p+frames-1 are one video's consecutive frames, in order
+    (5 for the lip windows; 3 for the interpolator's triplets, `vfi_triplets`)."""
     starts = []
     frame_index = index["frame_index"].astype(np.int64)
     for start, length in zip(index["start"], index["length"], strict=True):
-        for p in range(int(start), int(start) + int(length) - LIP_FRAMES + 1):
-            if frame_index[p + LIP_FRAMES - 1] - frame_index[p] == LIP_FRAMES - 1:
+        for p in range(int(start), int(start) + int(length) - frames + 1):
+            if frame_index[p + frames - 1] - frame_index[p] == frames - 1:
                 starts.append(p)
     return np.asarray(starts, np.int64)
 

@@ -62,6 +62,9 @@ class EvalOptions:
     # How faces are generated besides steps / mode / guidance (solver, spacing, precision,
     # memory bounds): a sampling.InferenceOptions (None: its defaults).
     inference: Any = None
+    # Frame interpolation after the DiT (interpolation.py), every mode under each: "off",
+    # "smooth", "half_rate" (the 25-fps ones; "double" changes the frame rate).
+    interpolate: tuple[str, ...] = ("off",)
 
 
 def _sampler_settings(inference: Any) -> dict[str, Any]:
@@ -72,14 +75,17 @@ def _sampler_settings(inference: Any) -> dict[str, Any]:
     return {"solver": inference.solver, "spacing": inference.spacing, "dtype": inference.dtype}
 
 
-def variants(options: EvalOptions) -> list[tuple[str, str, float]]:
-    """(name, reference mode, guidance scale) of every row group, modes first; the name is
-    the mode alone at scale 1 (the reports of runs without guidance keep their keys)."""
+def variants(options: EvalOptions) -> list[tuple[str, str, float, str]]:
+    """(name, reference mode, guidance scale, interpolation) of every row group, modes
+    first; the name is the mode alone at scale 1 without interpolation (the reports of
+    runs without guidance keep their keys), else e.g. "x0_same_step w=2 +smooth"."""
     return [
-        (mode if w == 1 else f"{mode} w={w:g}", mode, w)
+        (mode + (f" w={w:g}" if w != 1 else "") + (f" +{vfi}" if vfi != "off" else ""),
+         mode, w, vfi)
         for mode in options.modes
         for w in options.guidance
-    ]
+        for vfi in options.interpolate
+    ]  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -307,23 +313,17 @@ def _score_clip(
     # The frame VQGAN's round trip: the best any DiT sample can look (a side-by-side column
     # and the ceiling row of the report).
     rebuilt = reconstruct_faces(models, clip.frames)
-    names = [name for name, _, _ in variants(options)]
+    names = [name for name, *_ in variants(options)]
     fakes = {}
-    for name, mode, w in variants(options):
+    for name, mode, w, vfi in variants(options):
+        how = dict(options=options.inference, steps=options.steps, mode=mode, guidance=w,
+                   interpolate=vfi, seed=options.seed, landmarks=clip.landmarks,
+                   masks=clip.mask)  # fmt: skip
         started = time.perf_counter()
-        fakes[name] = generate_faces(
-            models, clip.masked, clip.audio, reference,
-            options=options.inference, steps=options.steps, mode=mode, guidance=w,
-            seed=options.seed, landmarks=clip.landmarks,
-        )  # fmt: skip
+        fakes[name] = generate_faces(models, clip.masked, clip.audio, reference, **how)
         out["seconds"][name] = (time.perf_counter() - started) / len(fakes[name])
         if expert is not None:
-            control = generate_faces(
-                models, clip.masked, clip.audio[shuffle], reference,
-                options=options.inference, steps=options.steps, mode=mode, guidance=w,
-            seed=options.seed,
-                landmarks=clip.landmarks,
-            )  # fmt: skip
+            control = generate_faces(models, clip.masked, clip.audio[shuffle], reference, **how)
             out["measured"][name] = expert.predict(fakes[name], clip.landmarks)
             out["control"][name] = expert.predict(control, clip.landmarks)
     # Every fake (and the round trip) through one pass over the source video.
@@ -457,7 +457,7 @@ def _report(
     synced = "truth" in clips[0]
     truth = np.concatenate([c["truth"] for c in clips]) if synced else None
     rows, per_mode = [], {}
-    names = [name for name, _, _ in variants(options)]
+    names = [name for name, *_ in variants(options)]
     for mode in names:
         mode_rows = [c["rows"][mode] for c in clips]
         rows += mode_rows
@@ -509,6 +509,8 @@ def _report(
         **_sampler_settings(options.inference),
         "seed": options.seed,
     }
+    if options.interpolate != ("off",):
+        settings["interpolate"] = ", ".join(options.interpolate)
     if options.guidance != (1.0,):
         settings["guidance"] = ", ".join(f"{w:g}" for w in options.guidance)
     if lse_raw is not None and lse_raw.get("status") == "ok":

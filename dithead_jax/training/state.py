@@ -215,3 +215,26 @@ def create_train_state(
         create = jax.jit(init, out_shardings=setup.shardings, compiler_options=compiler_options)
         state = create()
     return state, setup
+
+
+def supervised_step(
+    setup: StateSetup, train: TrainConfig, loss_of: Callable[[nnx.Module, Any], tuple[Any, Any]]
+) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
+    """The un-jitted step of a one-model, one-loss stage: (state, global batch) -> (new
+    state, metrics). `loss_of(model, batch)` -> (loss, aux metrics); AdamW update, EMA and
+    `guard_update` (a non-finite loss, gradient or update leaves the state untouched)."""
+    graphdef, tx = setup.graphdef, setup.tx
+    lr_schedule = learning_rate_schedule(train)
+
+    def step_fn(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+        (loss, aux), grads = jax.value_and_grad(
+            lambda params: loss_of(nnx.merge(graphdef, params), batch), has_aux=True
+        )(state.params)
+        new_state = apply_gradients(state, grads, tx, train)
+        grad_norm = optax.global_norm(grads)
+        new_state, guard = guard_update(new_state, state, loss, grad_norm)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(state.step)}
+        metrics |= aux | guard
+        return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+
+    return step_fn

@@ -21,9 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 from flax import nnx
 
@@ -36,11 +34,9 @@ from dithead_jax.training.state import (
     StateSetup,
     TrainState,
     abstract_train_state,
-    apply_gradients,
     create_train_state,
-    guard_update,
-    learning_rate_schedule,
     make_optimizer,
+    supervised_step,
 )
 
 Array = jax.Array
@@ -85,25 +81,13 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
     """The un-jitted step: (state, global batch) -> (new state, metrics); a non-finite loss,
     gradient or update leaves the state untouched (`state.guard_update`)."""
-    graphdef, tx = setup.graphdef, setup.tx
-    lr_schedule = learning_rate_schedule(run.train)
 
-    def step_fn(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
-        def loss_of(params: nnx.State) -> tuple[Array, dict[str, Array]]:
-            model = nnx.merge(graphdef, params)
-            lips, audio = model(batch["frames"], batch["audio"])
-            shifted = model.embed_audio(batch["shifted_audio"])
-            return info_nce(lips, audio, shifted, run.model.temperature)
+    def loss_of(model: SyncExpert, batch: Batch) -> tuple[Array, dict[str, Array]]:
+        lips, audio = model(batch["frames"], batch["audio"])
+        shifted = model.embed_audio(batch["shifted_audio"])
+        return info_nce(lips, audio, shifted, run.model.temperature)
 
-        (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-        new_state = apply_gradients(state, grads, tx, run.train)
-        grad_norm = optax.global_norm(grads)
-        new_state, guard = guard_update(new_state, state, loss, grad_norm)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(state.step)}
-        metrics |= aux | guard
-        return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
-
-    return step_fn
+    return supervised_step(setup, run.train, loss_of)
 
 
 def sync_batches(
