@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vqgan-steps", type=int, default=300)
     p.add_argument("--expert-steps", type=int, default=300, help="sync expert (LSE) steps")
     p.add_argument("--dit-steps", type=int, default=1000)
-    p.add_argument("--vfi-steps", type=int, default=200, help="frame interpolator steps")
+    p.add_argument("--vfi-steps", type=int, default=300, help="frame interpolator steps")
     p.add_argument("--paper-row", action=argparse.BooleanOptionalAction, default=True,
                    help="also train and score the paper's recipe, side by side")  # fmt: skip
     p.add_argument("--steps", type=int, default=10, help="DDIM steps when sampling")
