@@ -5,8 +5,8 @@
                their interpolation at t = 0.5, on the pasted-back frames (`FrameDoubler`)
     smooth     same frame rate; each generated face crop blended, inside its lower-face
                mask only, with the interpolation of its two neighbours (`FacePost`)
-    half_rate  the DiT generates every other frame (and the clip's last); the interpolator
-               fills the rest (`FacePost`): half the DiT's cost
+    half_rate  the DiT generates every other frame; the interpolator fills the rest
+               (`FacePost`): half the DiT's cost
 
 `smooth` and `half_rate` work on the face crops, before paste-back: the interpolator then
 sees what it was trained on (stage-1 crops), costs (crop / frame)^2 of a full-frame pass
@@ -113,8 +113,9 @@ class FacePost:
 
     push(faces, masks): faces[i] a generated (S, S, 3) uint8 crop, or None for a frame the
     DiT skipped (`half_rate`); masks (C, S, S) uint8 alpha of the lower face. Returns the
-    faces that are final, in order (a frame needs its right neighbour); `flush(last)`
-    returns the rest, `last` standing in for a trailing skipped frame."""
+    faces that are final, in order (a frame needs its right neighbour); `flush()` returns
+    the rest. A clip that ends on a skipped frame repeats the frame before it there (one
+    frame, 40 ms: generating it alone would cost a whole sampler pass)."""
 
     def __init__(self, mode: str, interpolator: Interpolator | None):
         if mode not in ("off", "smooth", "half_rate"):
@@ -133,11 +134,10 @@ class FacePost:
         self.size = tuple(np.shape(masks)[1:3]) or self.size
         return self._emit(final=False)
 
-    def flush(self, last: np.ndarray | None = None) -> np.ndarray:
+    def flush(self) -> np.ndarray:
         if self.faces and self.faces[-1] is None:
-            if last is None:
-                raise ValueError("the clip ends on a skipped frame: pass its face to flush")
-            self.faces[-1] = last
+            before = [f for f in [self.previous, *self.faces[:-1]] if f is not None]
+            self.faces[-1] = before[-1]  # alternation: a generated frame precedes it
         return self._emit(final=True)
 
     def _emit(self, final: bool) -> np.ndarray:

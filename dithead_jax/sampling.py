@@ -323,7 +323,6 @@ class FaceStream:
             self.post = FacePost(options.interpolate, interpolator(models, options.interpolator))
         elif options.interpolate not in ("off", "double"):
             raise ValueError(f"unknown interpolate mode {options.interpolate!r}")
-        self.skipped_tail = None  # half_rate: the inputs of a last frame it skipped
 
     def __call__(
         self,
@@ -351,10 +350,8 @@ class FaceStream:
         if masks is None:
             raise ValueError(f"interpolate={self.options.interpolate!r} needs the masks")
         keep = np.arange(count)
-        if self.options.interpolate == "half_rate":  # even frames; the last one at flush
+        if self.options.interpolate == "half_rate":  # the clip's even frames
             keep = keep[(first + keep) % 2 == 0]
-            odd_end = (first + count - 1) % 2 == 1
-            self.skipped_tail = (masked_frames[-1:], audio[-1:]) if odd_end else None
         faces: list[np.ndarray | None] = [None] * count
         for i, face in zip(keep, self._generate(masked_frames[keep], audio[keep]), strict=True):
             faces[i] = face
@@ -365,10 +362,7 @@ class FaceStream:
         if self.post is None:
             size = self.models.image_size
             return np.zeros((0, size, size, 3), np.uint8)
-        last = None
-        if self.skipped_tail is not None:  # the clip ends on a skipped frame: generate it
-            last = self._generate(*self.skipped_tail)[0]
-        return self.post.flush(last)
+        return self.post.flush()
 
     def _generate(self, masked_frames: np.ndarray, audio: np.ndarray) -> np.ndarray:
         faces = [
