@@ -400,3 +400,25 @@ def test_worker_processes_match_and_resume(stage2_dir):
     for x, y in zip(want, got, strict=True):
         for key in x:
             np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_data_parallel_batches_pad_short_batches_to_a_power_of_two_only():
+    """Results equal the unbatched function for any length; a short batch is padded to the
+    next power of two (a multiple of the 8 devices), not to the full batch size."""
+    import jax
+    from flax import nnx
+
+    from dithead_jax.data.latents import data_parallel_batches
+
+    shapes = []
+
+    def fn(model, x):
+        shapes.append(x.shape[0])  # traced once per compiled shape
+        return model(x)
+
+    linear = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    apply = data_parallel_batches(linear, fn, batch_size=64)
+    x = np.random.default_rng(0).normal(size=(70, 4)).astype(np.float32)
+    for n in (3, 16, 70):
+        np.testing.assert_allclose(apply(x[:n]), np.asarray(linear(x[:n])), rtol=1e-5, atol=1e-6)
+    assert jax.local_device_count() == 8 and shapes == [8, 16, 64]  # 70 = 64 + 6 -> 8

@@ -273,9 +273,12 @@ def data_parallel_batches(module: Any, fn: Any, batch_size: int) -> Encoder:
     """`fn(module, batch)` jitted, run over an array's leading axis in fixed-size batches
     split over all local devices; returns host arrays.
 
-    Batches are padded (zeros) to a multiple of the device count so every call has one
-    shape (one compile) and memory is bounded whatever the input length; the padding is
-    dropped from the result.
+    Full batches are `batch_size` (rounded up to a multiple of the device count); a shorter
+    one (a short clip, a chunk's end) is padded with zeros only to the next power of two
+    (a multiple of the device count), so at most log2(batch_size) programs compile and a
+    16-frame chunk does not pay for 64 (at 64^2 crops, padding every call to 64 made D's
+    decode cost the same for 16 frames as for 64: most of a 16-frame chunk's generation).
+    Memory stays bounded whatever the input length; the padding is dropped from the result.
     """
     import jax
     from flax import nnx
@@ -285,6 +288,7 @@ def data_parallel_batches(module: Any, fn: Any, batch_size: int) -> Encoder:
     from dithead_jax.sharding import make_mesh
 
     devices = jax.local_devices()
+    ndev = len(devices)
     mesh = make_mesh("dp", devices)  # Auto axis types: the model code stays sharding-agnostic
     batch_size = -(-batch_size // len(devices)) * len(devices)
     graphdef, state = nnx.split(module)
@@ -296,7 +300,8 @@ def data_parallel_batches(module: Any, fn: Any, batch_size: int) -> Encoder:
         out = []
         for start in range(0, len(inputs), batch_size):
             chunk = np.asarray(inputs[start : start + batch_size])
-            padded = np.zeros((batch_size, *chunk.shape[1:]), chunk.dtype)
+            bucket = min(batch_size, -(-(1 << (len(chunk) - 1).bit_length()) // ndev) * ndev)
+            padded = np.zeros((bucket, *chunk.shape[1:]), chunk.dtype)
             padded[: len(chunk)] = chunk
             out.append(np.asarray(run(state, jax.device_put(padded, data_sharding)))[: len(chunk)])
         return np.concatenate(out)
