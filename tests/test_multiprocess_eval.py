@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from stage2_data import save_initial_dit, save_initial_vqgan
 
 from dithead_jax.training.dit_step import FAST_COMPILE_CPU
@@ -103,10 +104,23 @@ def test_sample_eval_two_processes_writes_the_one_process_report(tmp_path):
     for report in (one, two):  # wall-clock, the one field that may differ
         for summary in (report.get("modes") or {}).values():
             summary.pop("s_per_frame")
-    assert two == one
+    # Equal to float reassociation: each process's VQGAN codec splits a batch over its 4
+    # devices where the one process splits it over 8 (data.latents.data_parallel_batches).
+    assert close(two, one)
     assert without_timing(tmp_path / "two" / "report.md") == without_timing(
         tmp_path / "one" / "report.md"
     )
     # Every clip's side-by-side video, each written by the process that generated it.
     assert len(list((tmp_path / "two").glob("*.mp4"))) == 3
     assert "wrote" in logs[0] and "wrote" not in logs[1]
+
+
+def close(a, b, rel: float = 1e-5) -> bool:
+    """Nested report dicts equal, floats to `rel`."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k], rel) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(close(x, y, rel) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=rel, abs=1e-9, nan_ok=True)
+    return a == b

@@ -57,6 +57,15 @@ def clip(bench, tmp_path_factory) -> dict:
 KW = dict(steps=2, seed=3, landmarks="sidecar")
 
 
+def assert_same_video(actual: np.ndarray, expected: np.ndarray) -> None:
+    """Equal but for float reassociation: the VQGAN codec pads a chunk's batch to its own
+    power of two (data.latents.data_parallel_batches), so a 7-frame chunk and the whole
+    clip run D at different batch sizes, and a few pixels round the other way."""
+    assert actual.shape == expected.shape
+    diff = np.abs(actual.astype(np.int16) - expected.astype(np.int16))
+    assert diff.max() <= 1 and np.mean(diff > 0) < 1e-3, (diff.max(), np.mean(diff > 0))
+
+
 @pytest.fixture(scope="module")
 def whole(clip):
     """The in-memory result, the whole clip in one chunk, source | dubbed side by side."""
@@ -67,8 +76,8 @@ def test_chunks_equal_the_whole_clip_through_ping_pong_and_a_ragged_last_chunk(c
     assert len(whole.frames) == 25 and whole.frames.shape[1:] == (64, 128, 3)
     chunked = clip["pipe"](clip["video"], clip["speech"], side_by_side=True, chunk_frames=7,
                            **KW)  # fmt: skip
-    np.testing.assert_array_equal(chunked.faces, whole.faces)
-    np.testing.assert_array_equal(chunked.frames, whole.frames)
+    assert_same_video(chunked.faces, whole.faces)
+    assert_same_video(chunked.frames, whole.frames)
     np.testing.assert_array_equal(chunked.audio, whole.audio)
     # The left half is the source, in ping-pong order (0..11, 10..0, 1, 2).
     sources = np.stack(list(iter_frames_at_fps(clip["video"], 25)))
@@ -94,8 +103,8 @@ def test_interpolated_chunks_equal_the_whole_clip(clip, interpolating, mode):
                                   chunk_frames=n, options=options, **KW)  # fmt: skip
     whole, chunked = run(64), run(7)
     assert len(whole.frames) == len(whole.faces) == 25
-    np.testing.assert_array_equal(chunked.faces, whole.faces)
-    np.testing.assert_array_equal(chunked.frames, whole.frames)
+    assert_same_video(chunked.faces, whole.faces)
+    assert_same_video(chunked.frames, whole.frames)
 
 
 def test_half_rate_runs_the_dit_on_every_other_frame(clip, interpolating):
