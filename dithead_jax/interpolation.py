@@ -72,10 +72,9 @@ class Interpolator:
 
 def find_interpolator(run_dir: str | os.PathLike | None) -> Path | None:
     """A trained interpolator next to a run: `<run_dir>/../vfi` holding checkpoints."""
-    if run_dir is None:
-        return None
-    candidate = Path(run_dir).parent / RUN_NEIGHBOUR
-    return candidate if (candidate / "checkpoints").is_dir() else None
+    from dithead_jax.runs import neighbour_run
+
+    return neighbour_run(run_dir, RUN_NEIGHBOUR)
 
 
 def load_interpolator(path: str | os.PathLike | None, run_dir: str | None = None) -> Interpolator:

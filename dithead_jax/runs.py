@@ -195,6 +195,15 @@ def load_sync_expert(
     return restore_params(workdir, make, ema=ema, step=step), spec
 
 
+def neighbour_run(run_dir: str | os.PathLike | None, name: str) -> Path | None:
+    """A run beside `run_dir` that sampling uses with it, `<run_dir>/../<name>` holding
+    checkpoints (demo.py's layout: the sync expert, the frame interpolator), else None."""
+    if run_dir is None:
+        return None
+    candidate = Path(run_dir).parent / name
+    return candidate if (candidate / "checkpoints").is_dir() else None
+
+
 # ---------------------------------------------------------------------------------------
 # Provenance: recorded relative, resolved against where the record lives
 

@@ -404,10 +404,9 @@ def _expert_embed(
 
 def find_expert(run_dir: str | os.PathLike | None) -> Path | None:
     """A trained expert next to a run: `<run_dir>/../sync_expert` holding checkpoints."""
-    if run_dir is None:
-        return None
-    candidate = Path(run_dir).parent / "sync_expert"
-    return candidate if (candidate / "checkpoints").is_dir() else None
+    from dithead_jax.runs import neighbour_run
+
+    return neighbour_run(run_dir, "sync_expert")
 
 
 def make_sync_scorer(
