@@ -37,13 +37,15 @@ from jax import lax
 
 Array = jax.Array
 
-# Defaults from bench/attention.py on a 2-core CPU at L=1024, head_dim=64 (DiT-S/2): 128 x
-# 128 tiles were the fastest forward+backward of 64..1024 x 64..256 and hold the least
-# (16 MiB temp vs 147 MiB for the XLA reference). The forward pass alone ran ~25% faster
-# with 1024 query rows per step (fewer, larger GEMMs; its tile is read once, where the
-# backward's is read three times and wants to stay in cache), hence FORWARD_ROWS. On
-# GPU/TPU larger tiles mean fewer sequential loop steps: pass them.
-BLOCK_Q = 128
+# Defaults measured on a 2-core CPU at L=1024, head_dim=64 (DiT-S/2), forward + backward:
+# bench/attention.py, and the whole train step in alternating runs.
+# The backward pass is where the time goes, and its tile is (block_q, block_k): 1024 x 128
+# ran the train step ~12% faster than 128 x 128 (fewer, larger GEMMs; 8 key steps instead of
+# 64 tiles), and attention alone 1.2-1.3x. Its live tiles are those the forward already
+# holds at FORWARD_ROWS, so peak memory does not grow: 25 MiB temp vs 147 MiB for the XLA
+# reference. block_k 64 halves the GEMMs' width and ran 1.7x slower; 256 was no faster.
+# On GPU/TPU smaller query blocks bound the per-tile memory at large batch x heads: pass them.
+BLOCK_Q = 1024
 BLOCK_K = 128
 FORWARD_ROWS = 1024
 
