@@ -53,7 +53,7 @@ from dithead_jax import sharding  # noqa: E402
 from dithead_jax.config import DiffusionConfig, DiTConfig, TrainConfig  # noqa: E402
 from dithead_jax.models.dit import DiT  # noqa: E402
 from dithead_jax.training import dit_step, dit_train  # noqa: E402
-from dithead_jax.training.metrics import measure_gemm_flops  # noqa: E402
+from dithead_jax.training.metrics import cpu_model, measure_gemm_flops  # noqa: E402
 from dithead_jax.training.state import create_train_state, make_optimizer  # noqa: E402
 
 
@@ -125,6 +125,9 @@ def build_ours(size: str, batch: int, attention_impl: str | None = None) -> dict
 
     return {
         "cfg": cfg,
+        "setup": setup,
+        "data": data,
+        "box": box,
         "fwd": lambda: fwd(box["state"].params, data),
         "step": run_step,
         "step_compiled": step_c,
@@ -211,12 +214,19 @@ def peer_side_by_side(models, size: str, args: argparse.Namespace) -> dict:
     for _ in range(args.repeats):
         for mode in ("fwd", "step"):
             for who, run in runners.items():
+                # Both sides' thread pools stay busy-waiting for a moment after a call (torch's
+                # OpenMP even with OMP_WAIT_POLICY=PASSIVE): measured, our step right after
+                # a peer step ran up to 1.25x slower. A pause before every timed call, both
+                # sides alike, keeps one runtime's tail out of the other's time.
+                time.sleep(args.settle)
                 start = time.perf_counter()
                 jax.block_until_ready(run[mode]())
                 times[who, mode].append(time.perf_counter() - start)
     record = {"bench": "dit_vs_peer", "model": f"DiT-{size.replace('_', '/')}",
               "attention_impl": args.attention_impl, "tokens": 1024, "batch": args.batch,
-              "repeats": args.repeats, "torch": torch.__version__, "torch_threads": 2,
+              "cpu": cpu_model(), "gemm_gflop_per_s": round(measure_gemm_flops(2048, 5) / 1e9, 1),
+              "repeats": args.repeats, "settle_s": args.settle, "torch": torch.__version__,
+              "torch_threads": 2,
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
               "params_M": {"ours": ours["params_M"], "peer": peer["params_M"]}}  # fmt: skip
     for mode, factor in (("fwd", 1), ("step", 3)):
@@ -354,6 +364,7 @@ def main() -> None:
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--attention-impl", default=None, help='ours: e.g. "blockwise"')
     parser.add_argument("--peer", default=None, help="a facebookresearch/DiT checkout")
+    parser.add_argument("--settle", type=float, default=2.0, help="--peer: pause before each run")
     parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     for layout in args.layouts.split(","):
@@ -377,7 +388,7 @@ def main() -> None:
         return
     gemm = measure_gemm_flops(n=2048, repeats=5)
     _emit({"bench": "gemm", "n": 2048, "dtype": "float32", "gflop_per_s": round(gemm / 1e9, 1),
-           "devices": jax.device_count(), "cpus": os.cpu_count()})  # fmt: skip
+           "devices": jax.device_count(), "cpus": os.cpu_count(), "cpu": cpu_model()})  # fmt: skip
     for size in filter(None, args.sizes.split(",")):
         record = speed(size, args.batch, args.repeats, args.attention_impl)
         record["fraction_of_gemm_peak"] = round(record["train_step_gflop_per_s"] * 1e9 / gemm, 2)

@@ -38,7 +38,7 @@ from profile_dit import trace_thunks  # noqa: E402
 
 from dithead_jax import sharding  # noqa: E402
 from dithead_jax.training import vqgan_train  # noqa: E402
-from dithead_jax.training.metrics import measure_gemm_flops  # noqa: E402
+from dithead_jax.training.metrics import cpu_model, measure_gemm_flops  # noqa: E402
 from dithead_jax.training.state import create_train_state  # noqa: E402
 
 
@@ -219,7 +219,7 @@ def main() -> None:
     parser.add_argument("--skip-convs", action="store_true")
     args = parser.parse_args()
     peak = measure_gemm_flops(n=2048, repeats=5)
-    record = {"bench": "vqgan_profile", "jax": jax.__version__,
+    record = {"bench": "vqgan_profile", "jax": jax.__version__, "cpu": cpu_model(),
               "gemm_gflop_per_s": round(peak / 1e9, 1), "steps": {}}  # fmt: skip
     for name in filter(None, args.configs.split(",")):
         record["steps"][name] = step_profile(name, args.batch, args, peak)

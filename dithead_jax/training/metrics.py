@@ -21,10 +21,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import platform
 import sys
 import time
 import types
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -245,6 +247,19 @@ def measure_gemm_flops(n: int = 1024, repeats: int = 5, dtype: Any = jnp.float32
         mm(a, a).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return 2.0 * n**3 / best
+
+
+def cpu_model() -> str:
+    """The host CPU's model name (Linux /proc/cpuinfo; else `platform.processor()`), for
+    bench records: the GEMM peak and every ratio depend on it (this project's CPU runs
+    have seen 2-core VMs whose f32 GEMM peaks differ 2x)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def peak_flops_per_device(override_tflops: float = 0.0) -> float | None:
