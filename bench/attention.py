@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--blocks", default="128x128,1024x128,256x256")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--also-threads", default="1", help="extra torch thread counts")
+    parser.add_argument("--settle", type=float, default=0.5, help="pause before each run (s)")
     args = parser.parse_args()
     b, h, length, d = args.batch, args.heads, args.length, args.head_dim
     blocks = [tuple(int(n) for n in s.split("x")) for s in args.blocks.split(",") if s]
@@ -137,6 +138,7 @@ def main() -> None:
     for _ in range(args.repeats):  # alternating: every variant once per round
         for name, run in runners.items():
             for mode in ("fwd", "fwd_bwd"):
+                time.sleep(args.settle)  # the other runtime's threads settle (bench/dit.py)
                 times[name][mode].append(timed(run[mode]))
 
     fwd_flops = 4 * b * h * length**2 * d
@@ -168,6 +170,7 @@ def main() -> None:
             "backward_factor": BACKWARD_FACTOR,
         },
         "repeats": args.repeats,
+        "settle_s": args.settle,
         "threads_torch": args.threads,
         "jax": jax.__version__,
         "torch": peer["version"],
