@@ -125,9 +125,6 @@ def build_ours(size: str, batch: int, attention_impl: str | None = None) -> dict
 
     return {
         "cfg": cfg,
-        "setup": setup,
-        "data": data,
-        "box": box,
         "fwd": lambda: fwd(box["state"].params, data),
         "step": run_step,
         "step_compiled": step_c,
