@@ -32,6 +32,7 @@ from flax import nnx
 
 from dithead_jax import sharding
 from dithead_jax.config import DiffusionConfig, DiTConfig, TrainConfig
+from dithead_jax.models import blockwise_attention as blockwise
 from dithead_jax.training import dit_step, dit_train
 from dithead_jax.training.state import abstract_train_state
 
@@ -95,6 +96,23 @@ def test_dit_step_computes_only_its_share(preset: str, options: dict):
     assert len(re.findall(r" all-to-all\(", hlo)) == 0
     temp_gib = compiled.memory_analysis().temp_size_in_bytes / 2**30
     assert temp_gib < TEMP_CEILING_GIB, f"{preset}: {temp_gib:.2f} GiB temp"
+
+
+def test_blockwise_attention_step_holds_only_its_tiles_of_its_share():
+    """The blockwise attention (what `auto` picks on CPU) under fsdp_tp, which splits both
+    the batch and the heads: no (L, L) buffer anywhere, its (B, heads, BLOCK_Q, BLOCK_K)
+    score tiles hold this device's examples and heads, nothing is resharded, and the temp
+    memory is a fraction of the XLA path's (measured 0.078 GiB against 0.408)."""
+    mesh, compiled = _compile_dit_step("fsdp_tp", attention_impl="blockwise")
+    hlo = compiled.as_text()
+    batch_shards, head_shards = _data_shards(mesh)
+    assert not re.findall(rf"\[\d+,\d+,{TOKENS},{TOKENS}\]", hlo)
+    tile = rf"\b[a-z]+\d*\[(\d+),(\d+),{blockwise.BLOCK_Q},{blockwise.BLOCK_K}\]"
+    tiles = {(int(b), int(h)) for b, h in re.findall(tile, hlo)}
+    assert (GLOBAL_BATCH // batch_shards, HEADS // head_shards) in tiles
+    assert (GLOBAL_BATCH, HEADS) not in tiles and (GLOBAL_BATCH // batch_shards, HEADS) not in tiles
+    assert len(re.findall(r" all-to-all\(", hlo)) == 0
+    assert compiled.memory_analysis().temp_size_in_bytes / 2**30 < 0.2
 
 
 def test_vqgan_step_convs_compute_only_their_share():
