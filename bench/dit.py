@@ -211,10 +211,11 @@ def peer_side_by_side(models, size: str, args: argparse.Namespace) -> dict:
     for _ in range(args.repeats):
         for mode in ("fwd", "step"):
             for who, run in runners.items():
-                # Both sides' thread pools stay busy-waiting for a moment after a call (torch's
-                # OpenMP even with OMP_WAIT_POLICY=PASSIVE): measured, our step right after
-                # a peer step ran up to 1.25x slower. A pause before every timed call, both
-                # sides alike, keeps one runtime's tail out of the other's time.
+                # Measured: our step right after a peer step ran up to 1.25x slower than
+                # alone or after a pause (most likely the other runtime's worker threads
+                # still spinning; OMP_WAIT_POLICY=PASSIVE did not prevent it). A pause before
+                # every timed call, both sides alike, keeps one runtime's tail out of the
+                # other's time.
                 time.sleep(args.settle)
                 start = time.perf_counter()
                 jax.block_until_ready(run[mode]())

@@ -41,7 +41,7 @@ Array = jax.Array
 # bench/attention.py, and the whole train step in alternating runs.
 # The backward pass is where the time goes, and its tile is (block_q, block_k): 1024 x 128
 # ran the train step ~12% faster than 128 x 128 (fewer, larger GEMMs; 8 key steps instead of
-# 64 tiles), and attention alone 1.2-1.3x. Its live tiles are those the forward already
+# 64 tiles), and attention alone 1.35-1.55x. Its live tiles are those the forward already
 # holds at FORWARD_ROWS, so peak memory does not grow: 25 MiB temp vs 147 MiB for the XLA
 # reference. block_k 64 halves the GEMMs' width and ran 1.7x slower; 256 was no faster.
 # On GPU/TPU smaller query blocks bound the per-tile memory at large batch x heads: pass them.

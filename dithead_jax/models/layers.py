@@ -267,7 +267,7 @@ def resolve_attention(
     backend, `platform` overriding it) for the self-attention: cuDNN flash attention on GPU
     in bf16/fp16 (cuDNN has no f32 kernel), the Pallas splash kernel on TPU, the blockwise
     one on CPU (bench/attention.py and bench/dit.py --peer: its forward + backward runs
-    1.3-2x XLA's per FLOP at 1024 tokens; at <= BLOCK_K keys it is XLA's), XLA otherwise.
+    2-2.4x XLA's per FLOP at 1024 tokens; at <= BLOCK_K keys it is XLA's), XLA otherwise.
     The audio cross-attention has 12 keys (or 1), below any kernel's block and ~1% of the
     attention FLOPs: XLA under "auto", and also when "splash" or "blockwise" is asked for.
     "blockwise" is the pure-JAX flash-style attention (models/blockwise_attention.py: no
